@@ -1,0 +1,47 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# A venv (.venv) gets pinned dependencies, the extension is built in place with
+# `pip install -e . --no-build-isolation`, and stamps make a second run reuse both.
+#
+# On a machine without CUDA the CPU wheel torch==2.13.0 is installed; where nvidia-smi finds a
+# GPU the venv sees the system's (CUDA) torch and Triton instead, and the CUDA kernels are built.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+ifeq ($(HAS_GPU),1)
+VENV_FLAGS := --system-site-packages
+TORCH_PINS :=
+else
+VENV_FLAGS :=
+TORCH_PINS := torch==2.13.0 triton==3.9.0
+endif
+TOOL_PINS := numpy ninja pybind11 pytest pytest-benchmark setuptools wheel
+
+SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+
+.PHONY: demo test build clean
+
+demo: .stamp-build
+	$(PY) -m resnet_fast verify
+
+test: .stamp-build
+	$(PY) -m pytest -q
+
+build: .stamp-build
+
+$(PY):
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+
+.stamp-deps: Makefile | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS) $(TOOL_PINS)
+	touch $@
+
+.stamp-build: .stamp-deps $(SOURCES)
+	$(PY) -m pip install -q -e . --no-build-isolation
+	touch $@
+
+clean:
+	rm -rf build *.egg-info resnet_fast/*.so .stamp-build

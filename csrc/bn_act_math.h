@@ -1,0 +1,107 @@
+// Per-channel and per-element math of the fused BatchNorm + (add) + ReLU ops.
+//
+// Shared by the C++ CPU kernels (csrc/cpu/) and the CUDA kernels (csrc/cuda/), so the CPU
+// tests check the exact expressions the GPU runs. No torch header: plain C++ that nvcc and
+// the host compiler both accept. Per-element helpers are templates on the value type so the
+// CPU kernels can instantiate them with at::vec::Vectorized<acc_t> as well as with scalars.
+//
+// Notation, per channel c over the m = N*H*W values of that channel:
+//   mean = sum(x) / m,  var = sum((x - mean)^2) / m (biased, used to normalise),
+//   invstd = 1 / sqrt(var + eps),  xhat = (x - mean) * invstd,
+//   y = act(w * xhat + b + r_term)  =  act(x * scale + shift + r_term)
+//     with scale = w * invstd, shift = b - mean * scale, and r_term = 0 (no residual),
+//     r (plain residual) or r * r_scale + r_shift (residual that is itself BatchNorm'ed).
+//
+// Backward, with g = dy * [pre-activation > 0] (the ReLU mask, recomputed from x and r):
+//   grad_b = sum(g),  grad_w = sum(g * xhat) = invstd * sum(g * (x - mean)),
+//   batch statistics:  dx = w * invstd * (g - sum(g)/m - xhat * sum(g * xhat)/m)
+//   fixed statistics (eval): dx = w * invstd * g
+// Both are affine in (g, x) per channel: dx = g * k_g + x * k_x + k_c; bn_backward_coeffs()
+// gives k_g, k_x, k_c so one elementwise pass produces dx (and the BN'ed residual's gradient).
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define RF_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define RF_HOST_DEVICE inline
+#endif
+
+namespace resnet_fast {
+
+// ---------------------------------------------------------------- per element
+
+// The BatchNorm affine transform written as a fused multiply-add: x * scale + shift.
+template <typename T>
+RF_HOST_DEVICE T bn_affine(T x, T scale, T shift) {
+  return x * scale + shift;
+}
+
+RF_HOST_DEVICE float relu_value(float v) { return v > 0.f ? v : 0.f; }
+RF_HOST_DEVICE double relu_value(double v) { return v > 0.0 ? v : 0.0; }
+
+// Gradient through the ReLU: dy where the pre-activation was positive, else 0
+// (PyTorch's threshold_backward convention: zero gradient at exactly 0).
+RF_HOST_DEVICE float relu_grad(float pre, float dy) { return pre > 0.f ? dy : 0.f; }
+RF_HOST_DEVICE double relu_grad(double pre, double dy) { return pre > 0.0 ? dy : 0.0; }
+
+// dx = g * k_g + x * k_x + k_c (see bn_backward_coeffs).
+template <typename T>
+RF_HOST_DEVICE T bn_input_grad(T g, T x, T k_g, T k_x, T k_c) {
+  return g * k_g + x * k_x + k_c;
+}
+
+// ---------------------------------------------------------------- per channel
+
+// Shifted sums: s1 = sum(x - pivot), s2 = sum((x - pivot)^2) over m values. Shifting by a
+// value of the channel (its first element) keeps the variance exact for data whose mean is
+// large against its spread, where raw sum / sum-of-squares would cancel catastrophically.
+template <typename A>
+RF_HOST_DEVICE void bn_stats_from_shifted_sums(A m, A s1, A s2, A pivot, A eps,
+                                               A* mean, A* var, A* invstd) {
+  const A d = s1 / m;
+  A v = s2 / m - d * d;
+  v = v > A(0) ? v : A(0);
+  *mean = pivot + d;
+  *var = v;
+  *invstd = A(1) / std::sqrt(v + eps);
+}
+
+// nn.BatchNorm2d's running update: exponential average with factor `momentum`, the variance
+// term unbiased (m / (m - 1)); m == 1 cannot happen in training (rejected up front).
+template <typename A>
+RF_HOST_DEVICE void bn_running_update(A m, A mean, A var, A momentum, A* running_mean,
+                                      A* running_var) {
+  const A unbiased = var * m / (m - A(1));
+  *running_mean = (A(1) - momentum) * *running_mean + momentum * mean;
+  *running_var = (A(1) - momentum) * *running_var + momentum * unbiased;
+}
+
+// y = x * scale + shift  <=>  y = w * (x - mean) * invstd + b.
+template <typename A>
+RF_HOST_DEVICE void bn_scale_shift(A mean, A invstd, A w, A b, A* scale, A* shift) {
+  *scale = w * invstd;
+  *shift = b - mean * *scale;
+}
+
+// Coefficients of dx = g * k_g + x * k_x + k_c from the channel's sums
+// sum_g = sum(g), sum_gc = sum(g * (x - mean)). With batch statistics the mean and invstd
+// depend on x, which adds the two centring terms; with fixed statistics only k_g remains.
+template <typename A>
+RF_HOST_DEVICE void bn_backward_coeffs(A m, A sum_g, A sum_gc, A mean, A invstd, A w,
+                                       bool batch_stats, A* k_g, A* k_x, A* k_c) {
+  const A a = w * invstd;
+  *k_g = a;
+  if (batch_stats) {
+    const A mean_g = sum_g / m;
+    const A mean_gxhat_invstd = sum_gc * invstd * invstd / m;  // mean(g * xhat) * invstd
+    *k_x = -a * mean_gxhat_invstd;
+    *k_c = -a * mean_g + a * mean_gxhat_invstd * mean;
+  } else {
+    *k_x = A(0);
+    *k_c = A(0);
+  }
+}
+
+}  // namespace resnet_fast

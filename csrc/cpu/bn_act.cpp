@@ -1,0 +1,596 @@
+// CPU kernels of the fused BatchNorm (+ residual / + BatchNorm'ed residual) + ReLU op.
+//
+// Layouts: an activation is dense either in NCHW (element (n, c, hw) at (n*C + c)*HW + hw: a
+// row of HW values belongs to one channel) or in channels_last (element (m, c) at m*C + c with
+// m = n*HW + hw: a row holds one value of every channel). Both are walked row by row with
+// at::vec vectors along the row; per-channel constants are broadcast (NCHW) or loaded as
+// vectors (channels_last). The per-element and per-channel math is csrc/bn_act_math.h, shared
+// with the CUDA kernels.
+//
+// Passes over memory, per activation element:
+//   training forward: 1 read (statistics) + 1 read and 1 write (normalise, add, ReLU);
+//   eval forward: 1 read and 1 write;
+//   backward: 1 read of (dy, x[, r]) for the per-channel sums + 1 read of the same and 1 write
+//   of dx (and of the residual's gradient).
+// Sums are accumulated in acc_t vectors over short runs (one row in NCHW, kFlushRows rows in
+// channels_last) and added into double totals, so float32 accumulation error stays that of a
+// few hundred terms whatever the batch size.
+
+#include "bn_act_cpu.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <array>
+#include <type_traits>
+#include <vector>
+
+#include "../bn_act_math.h"
+
+namespace resnet_fast {
+
+// Vector overloads of the shared header's per-element helpers (the scalar ones live there).
+template <typename A>
+inline at::vec::Vectorized<A> relu_value(at::vec::Vectorized<A> v) {
+  return at::vec::clamp_min(v, at::vec::Vectorized<A>(A(0)));
+}
+template <typename A>
+inline at::vec::Vectorized<A> relu_grad(at::vec::Vectorized<A> pre, at::vec::Vectorized<A> dy) {
+  return dy & (pre > at::vec::Vectorized<A>(A(0)));
+}
+
+namespace cpu {
+namespace {
+
+using at::vec::Vectorized;
+
+enum ResidualMode { kNoResidual = 0, kAddResidual = 1, kBatchNormResidual = 2 };
+
+// Rows of channels_last data accumulated in acc_t before the sums move into double totals.
+constexpr int64_t kFlushRows = 256;
+// Elements one task of an elementwise pass should get at least.
+constexpr int64_t kGrainElements = 32768;
+
+template <typename T>
+struct is_vec : std::false_type {};
+template <typename A>
+struct is_vec<Vectorized<A>> : std::true_type {};
+
+// Load one value (T = acc_t) or one vector (T = Vectorized<acc_t>) of scalar_t as acc_t.
+template <typename T, typename scalar_t>
+inline T load_as(const scalar_t* p) {
+  if constexpr (!is_vec<T>::value) {
+    return static_cast<T>(*p);
+  } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    T out;
+    at::vec::load_fp32_from_bf16(p, out);
+    return out;
+  } else if constexpr (std::is_same_v<scalar_t, at::Half>) {
+    T out;
+    at::vec::load_fp32_from_fp16(p, out);
+    return out;
+  } else {
+    return T::loadu(p);
+  }
+}
+
+template <typename scalar_t, typename T>
+inline void store_as(scalar_t* p, T v) {
+  if constexpr (!is_vec<T>::value) {
+    *p = static_cast<scalar_t>(v);
+  } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    at::vec::convert_float_bfloat16(v, v).store(p, T::size());
+  } else if constexpr (std::is_same_v<scalar_t, at::Half>) {
+    at::vec::convert_float_half(v, v).store(p, T::size());
+  } else {
+    v.store(p);
+  }
+}
+
+// A per-channel array read at channel j: broadcast along an NCHW row (one channel), loaded as
+// a vector of consecutive channels along a channels_last row.
+template <bool kChannelsLast, typename acc_t>
+struct ChannelArray {
+  const acc_t* p;
+  template <typename T>
+  T get(int64_t j) const {
+    if constexpr (!is_vec<T>::value) {
+      return p[j];
+    } else if constexpr (kChannelsLast) {
+      return T::loadu(p + j);
+    } else {
+      return T(p[j]);
+    }
+  }
+};
+
+struct Shape {
+  int64_t N, C, HW;
+  int64_t m() const { return N * HW; }
+};
+
+// Per-channel sums of K quantities over the m values of each channel, in double:
+// out[k * C + c]. f.template term<T>(e, j, acc) adds the terms of element e (linear offset in
+// the dense tensor) of channel accessor index j to acc (std::array<T, K>).
+template <int K, bool kChannelsLast, typename acc_t, typename F>
+void reduce_per_channel(const Shape& s, const F& f, double* out) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t C = s.C;
+  if constexpr (!kChannelsLast) {
+    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        std::array<double, K> total{};
+        for (int64_t n = 0; n < s.N; ++n) {
+          const int64_t base = (n * C + c) * s.HW;
+          std::array<Vec, K> vsum;
+          vsum.fill(Vec(acc_t(0)));
+          std::array<acc_t, K> ssum{};
+          int64_t i = 0;
+          for (; i + V <= s.HW; i += V) f.template term<Vec>(base + i, c, vsum);
+          for (; i < s.HW; ++i) f.template term<acc_t>(base + i, c, ssum);
+          for (int k = 0; k < K; ++k) {
+            total[k] += static_cast<double>(
+                at::vec::vec_reduce_all([](Vec a, Vec b) { return a + b; }, vsum[k]) + ssum[k]);
+          }
+        }
+        for (int k = 0; k < K; ++k) out[k * C + c] = total[k];
+      }
+    });
+  } else {
+    const int64_t M = s.m();
+    const int64_t blocks = std::min<int64_t>(M, 4 * at::get_num_threads());
+    std::vector<double> partial(static_cast<size_t>(blocks * K * C), 0.0);
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<acc_t> run(static_cast<size_t>(K * C));
+      for (int64_t b = b0; b < b1; ++b) {
+        double* part = partial.data() + b * K * C;
+        const int64_t row_end = (b + 1) * M / blocks;
+        for (int64_t row = b * M / blocks; row < row_end; row += kFlushRows) {
+          std::fill(run.begin(), run.end(), acc_t(0));
+          const int64_t rows = std::min(kFlushRows, row_end - row);
+          for (int64_t r = row; r < row + rows; ++r) {
+            int64_t j = 0;
+            for (; j + V <= C; j += V) {
+              std::array<Vec, K> v;
+              for (int k = 0; k < K; ++k) v[k] = Vec::loadu(run.data() + k * C + j);
+              f.template term<Vec>(r * C + j, j, v);
+              for (int k = 0; k < K; ++k) v[k].store(run.data() + k * C + j);
+            }
+            for (; j < C; ++j) {
+              std::array<acc_t, K> v;
+              for (int k = 0; k < K; ++k) v[k] = run[k * C + j];
+              f.template term<acc_t>(r * C + j, j, v);
+              for (int k = 0; k < K; ++k) run[k * C + j] = v[k];
+            }
+          }
+          for (int64_t i = 0; i < K * C; ++i) part[i] += static_cast<double>(run[i]);
+        }
+      }
+    });
+    at::parallel_for(0, C, 256, [&](int64_t c0, int64_t c1) {
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t c = c0; c < c1; ++c) {
+          double t = 0.0;
+          for (int64_t b = 0; b < blocks; ++b) t += partial[(b * K + k) * C + c];
+          out[k * C + c] = t;
+        }
+      }
+    });
+  }
+}
+
+// Runs f.template apply<T>(e, j) over every element, rows in parallel.
+template <bool kChannelsLast, typename acc_t, typename F>
+void for_each_element(const Shape& s, const F& f) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t rows = kChannelsLast ? s.m() : s.N * s.C;
+  const int64_t row_len = kChannelsLast ? s.C : s.HW;
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / row_len);
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t base = r * row_len;
+      // NCHW rows index per-channel arrays by their channel, channels_last rows by position.
+      const int64_t c = kChannelsLast ? 0 : r % s.C;
+      int64_t i = 0;
+      for (; i + V <= row_len; i += V) f.template apply<Vec>(base + i, c + i * kChannelsLast);
+      for (; i < row_len; ++i) f.template apply<acc_t>(base + i, c + i * kChannelsLast);
+    }
+  });
+}
+
+// Per-channel scale/shift of both BatchNorm branches, the constants every pass uses.
+template <bool kChannelsLast, typename acc_t>
+struct Affine {
+  ChannelArray<kChannelsLast, acc_t> scale, shift, r_scale, r_shift;
+};
+
+// Pre-activation value act_in = x*scale + shift + r_term at element e, channel index j.
+template <int kMode, bool kChannelsLast, typename T, typename acc_t, typename scalar_t>
+inline T pre_activation(const Affine<kChannelsLast, acc_t>& a, const scalar_t* x,
+                        const scalar_t* r, int64_t e, int64_t j, T* r_value) {
+  T v = bn_affine(load_as<T>(x + e), a.scale.template get<T>(j), a.shift.template get<T>(j));
+  if constexpr (kMode != kNoResidual) {
+    *r_value = load_as<T>(r + e);
+    if constexpr (kMode == kAddResidual) {
+      v = v + *r_value;
+    } else {
+      v = v + bn_affine(*r_value, a.r_scale.template get<T>(j), a.r_shift.template get<T>(j));
+    }
+  }
+  return v;
+}
+
+// ------------------------------------------------------------------ element functors
+
+template <bool kChannelsLast, typename acc_t, typename scalar_t>
+struct ShiftedMoments {  // sums of (x - pivot), (x - pivot)^2 [, the same for r]
+  const scalar_t* x;
+  const scalar_t* r;
+  ChannelArray<kChannelsLast, acc_t> pivot, r_pivot;
+  template <typename T, size_t K>
+  void term(int64_t e, int64_t j, std::array<T, K>& acc) const {
+    const T d = load_as<T>(x + e) - pivot.template get<T>(j);
+    acc[0] = acc[0] + d;
+    acc[1] = acc[1] + d * d;
+    if constexpr (K == 4) {
+      const T dr = load_as<T>(r + e) - r_pivot.template get<T>(j);
+      acc[2] = acc[2] + dr;
+      acc[3] = acc[3] + dr * dr;
+    }
+  }
+};
+
+template <int kMode, bool kChannelsLast, typename acc_t, typename scalar_t>
+struct ForwardApply {
+  const scalar_t* x;
+  const scalar_t* r;
+  scalar_t* out;
+  Affine<kChannelsLast, acc_t> a;
+  bool relu;
+  template <typename T>
+  void apply(int64_t e, int64_t j) const {
+    T r_value;
+    T v = pre_activation<kMode>(a, x, r, e, j, &r_value);
+    store_as(out + e, relu ? relu_value(v) : v);
+  }
+};
+
+// ReLU-masked gradient g at element e (also returns x and r there).
+template <int kMode, bool kChannelsLast, typename T, typename acc_t, typename scalar_t>
+inline T masked_grad(const Affine<kChannelsLast, acc_t>& a, const scalar_t* dy,
+                     const scalar_t* x, const scalar_t* r, bool relu, int64_t e, int64_t j,
+                     T* r_value) {
+  const T g = load_as<T>(dy + e);
+  if (!relu) {
+    if constexpr (kMode != kNoResidual) *r_value = load_as<T>(r + e);
+    return g;
+  }
+  return relu_grad(pre_activation<kMode>(a, x, r, e, j, r_value), g);
+}
+
+template <int kMode, bool kChannelsLast, typename acc_t, typename scalar_t>
+struct BackwardSums {  // sum(g), sum(g * (x - mean)) [, sum(g * (r - r_mean))]
+  const scalar_t* dy;
+  const scalar_t* x;
+  const scalar_t* r;
+  Affine<kChannelsLast, acc_t> a;
+  ChannelArray<kChannelsLast, acc_t> mean, r_mean;
+  bool relu;
+  template <typename T, size_t K>
+  void term(int64_t e, int64_t j, std::array<T, K>& acc) const {
+    T r_value;
+    const T g = masked_grad<kMode>(a, dy, x, r, relu, e, j, &r_value);
+    acc[0] = acc[0] + g;
+    acc[1] = acc[1] + g * (load_as<T>(x + e) - mean.template get<T>(j));
+    if constexpr (kMode == kBatchNormResidual) {
+      acc[2] = acc[2] + g * (r_value - r_mean.template get<T>(j));
+    }
+  }
+};
+
+template <int kMode, bool kChannelsLast, typename acc_t, typename scalar_t>
+struct BackwardApply {
+  const scalar_t* dy;
+  const scalar_t* x;
+  const scalar_t* r;
+  scalar_t* dx;
+  scalar_t* dr;
+  Affine<kChannelsLast, acc_t> a;
+  ChannelArray<kChannelsLast, acc_t> k_g, k_x, k_c, r_k_g, r_k_x, r_k_c;
+  bool relu;
+  template <typename T>
+  void apply(int64_t e, int64_t j) const {
+    T r_value;
+    const T g = masked_grad<kMode>(a, dy, x, r, relu, e, j, &r_value);
+    store_as(dx + e, bn_input_grad(g, load_as<T>(x + e), k_g.template get<T>(j),
+                                   k_x.template get<T>(j), k_c.template get<T>(j)));
+    if constexpr (kMode == kAddResidual) {
+      store_as(dr + e, g);
+    } else if constexpr (kMode == kBatchNormResidual) {
+      store_as(dr + e, bn_input_grad(g, r_value, r_k_g.template get<T>(j),
+                                     r_k_x.template get<T>(j), r_k_c.template get<T>(j)));
+    }
+  }
+};
+
+// ------------------------------------------------------------------ drivers
+
+bool is_channels_last(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+void check_activation(const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.device().is_cpu(), "resnet_fast cpu backend: ", name, " must be on the CPU");
+  TORCH_CHECK(t.sizes() == x.sizes() && t.strides() == x.strides() &&
+                  t.scalar_type() == x.scalar_type(),
+              "resnet_fast cpu backend: ", name, " must have input's shape, strides and dtype");
+}
+
+Shape shape_of(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, "resnet_fast cpu backend: input must be 4-D, got ", x.dim(), "-D");
+  TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "resnet_fast cpu backend: input must be dense NCHW or channels_last");
+  return {x.size(0), x.size(1), x.size(2) * x.size(3)};
+}
+
+// Calls f(std::integral_constant<bool, channels_last>) so kernels get the layout at compile time.
+template <typename F>
+void dispatch_layout(bool channels_last, const F& f) {
+  if (channels_last) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// Calls f(integral_constant<int, mode>, integral_constant<bool, channels_last>).
+template <typename F>
+void dispatch_mode_layout(int mode, bool channels_last, const F& f) {
+  dispatch_layout(channels_last, [&](auto cl_c) {
+    switch (mode) {
+      case kNoResidual: f(std::integral_constant<int, kNoResidual>{}, cl_c); break;
+      case kAddResidual: f(std::integral_constant<int, kAddResidual>{}, cl_c); break;
+      default: f(std::integral_constant<int, kBatchNormResidual>{}, cl_c); break;
+    }
+  });
+}
+
+// Converts an array accessor between layouts (the pointer is the same).
+template <bool kCL, typename acc_t>
+ChannelArray<kCL, acc_t> as_layout(ChannelArray<true, acc_t> c) {
+  return {c.p};
+}
+
+template <bool kCL, typename acc_t>
+Affine<kCL, acc_t> as_layout(const Affine<true, acc_t>& a) {
+  return {as_layout<kCL>(a.scale), as_layout<kCL>(a.shift), as_layout<kCL>(a.r_scale),
+          as_layout<kCL>(a.r_shift)};
+}
+
+int residual_mode(const std::optional<at::Tensor>& residual, bool residual_bn) {
+  if (!residual.has_value()) return kNoResidual;
+  return residual_bn ? kBatchNormResidual : kAddResidual;
+}
+
+// Fills affine rows (scale, shift, r_scale, r_shift) from save_stats (mean, invstd per branch)
+// and the branches' weight and bias.
+template <typename acc_t>
+void fill_affine(const acc_t* stats, int64_t branches, int64_t C,
+                 const std::array<const at::Tensor*, 2>& weight,
+                 const std::array<const at::Tensor*, 2>& bias, acc_t* affine) {
+  for (int64_t br = 0; br < branches; ++br) {
+    const acc_t* wp = weight[br]->data_ptr<acc_t>();
+    const acc_t* bp = bias[br]->data_ptr<acc_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      bn_scale_shift<acc_t>(stats[(br * 2) * C + c], stats[(br * 2 + 1) * C + c], wp[c], bp[c],
+                            affine + (2 * br) * C + c, affine + (2 * br + 1) * C + c);
+    }
+  }
+}
+
+template <typename acc_t>
+Affine<true, acc_t> affine_view(const acc_t* p, int64_t C) {
+  return {{p}, {p + C}, {p + 2 * C}, {p + 3 * C}};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& residual_weight,
+    const std::optional<at::Tensor>& residual_bias,
+    const std::optional<at::Tensor>& residual_running_mean,
+    const std::optional<at::Tensor>& residual_running_var, bool residual_bn, bool training,
+    double momentum, double eps, bool relu) {
+  const Shape s = shape_of(x);
+  TORCH_CHECK(x.device().is_cpu(), "resnet_fast cpu backend: input must be on the CPU");
+  TORCH_CHECK(!residual_bn || (residual.has_value() && residual_weight.has_value() &&
+                               residual_bias.has_value()),
+              "resnet_fast cpu backend: residual_bn needs residual, its weight and bias");
+  if (residual.has_value()) check_activation("residual", *residual, x);
+  const int mode = residual_mode(residual, residual_bn);
+  const bool cl = is_channels_last(x);
+  const int64_t B = residual_bn ? 2 : 1;
+  const int64_t C = s.C;
+  const auto acc_opts = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const std::array<const std::optional<at::Tensor>*, 2> rm = {&running_mean, &residual_running_mean};
+  const std::array<const std::optional<at::Tensor>*, 2> rv = {&running_var, &residual_running_var};
+  for (int64_t br = 0; br < B; ++br) {
+    TORCH_CHECK(rm[br]->has_value() == rv[br]->has_value() &&
+                    rm[br]->has_value() == running_mean.has_value(),
+                "resnet_fast cpu backend: running statistics must be given for every branch or none");
+  }
+  TORCH_CHECK(training || running_mean.has_value(),
+              "resnet_fast cpu backend: eval needs running statistics");
+  const bool tracks = training && running_mean.has_value();
+
+  at::Tensor save_stats = at::empty({B, 2, C}, acc_opts);
+  at::Tensor new_running = tracks ? at::empty({B, 2, C}, acc_opts) : at::empty({0}, acc_opts);
+  at::Tensor out = at::empty_like(x);
+  at::Tensor affine = at::zeros({4, C}, acc_opts);  // scale, shift, r_scale, r_shift
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* rp = residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr;
+    acc_t* stats = save_stats.data_ptr<acc_t>();
+    if (training) {
+      // Pivot of each channel: its first element (n = 0, hw = 0).
+      std::vector<acc_t> pivots(static_cast<size_t>(2 * C), acc_t(0));
+      const int64_t channel_step = cl ? 1 : s.HW;
+      for (int64_t c = 0; c < C; ++c) {
+        pivots[c] = static_cast<acc_t>(xp[c * channel_step]);
+        if (residual_bn) pivots[C + c] = static_cast<acc_t>(rp[c * channel_step]);
+      }
+      std::vector<double> sums(static_cast<size_t>(4 * C));
+      dispatch_layout(cl, [&](auto cl_c) {
+        constexpr bool kCL = decltype(cl_c)::value;
+        const ShiftedMoments<kCL, acc_t, scalar_t> f{xp, rp, {pivots.data()}, {pivots.data() + C}};
+        if (residual_bn) {
+          reduce_per_channel<4, kCL, acc_t>(s, f, sums.data());
+        } else {
+          reduce_per_channel<2, kCL, acc_t>(s, f, sums.data());
+        }
+      });
+      const double m = static_cast<double>(s.m());
+      acc_t* nr = tracks ? new_running.data_ptr<acc_t>() : nullptr;
+      for (int64_t br = 0; br < B; ++br) {
+        const double* s1 = sums.data() + (2 * br) * C;
+        const double* s2 = s1 + C;
+        for (int64_t c = 0; c < C; ++c) {
+          double mean, var, invstd;
+          bn_stats_from_shifted_sums<double>(m, s1[c], s2[c], pivots[br * C + c], eps, &mean,
+                                             &var, &invstd);
+          stats[(br * 2) * C + c] = static_cast<acc_t>(mean);
+          stats[(br * 2 + 1) * C + c] = static_cast<acc_t>(invstd);
+          if (tracks) {
+            double r_mean = rm[br]->value().data_ptr<acc_t>()[c];
+            double r_var = rv[br]->value().data_ptr<acc_t>()[c];
+            bn_running_update<double>(m, mean, var, momentum, &r_mean, &r_var);
+            nr[(br * 2) * C + c] = static_cast<acc_t>(r_mean);
+            nr[(br * 2 + 1) * C + c] = static_cast<acc_t>(r_var);
+          }
+        }
+      }
+    } else {
+      for (int64_t br = 0; br < B; ++br) {
+        const acc_t* mp = rm[br]->value().data_ptr<acc_t>();
+        const acc_t* vp = rv[br]->value().data_ptr<acc_t>();
+        for (int64_t c = 0; c < C; ++c) {
+          stats[(br * 2) * C + c] = mp[c];
+          stats[(br * 2 + 1) * C + c] = acc_t(1) / std::sqrt(vp[c] + static_cast<acc_t>(eps));
+        }
+      }
+    }
+    acc_t* aff = affine.data_ptr<acc_t>();
+    fill_affine<acc_t>(stats, B, C, {&weight, residual_bn ? &*residual_weight : nullptr},
+                       {&bias, residual_bn ? &*residual_bias : nullptr}, aff);
+    scalar_t* op = out.data_ptr<scalar_t>();
+    dispatch_mode_layout(mode, cl, [&](auto mode_c, auto cl_c) {
+      constexpr int kMode = decltype(mode_c)::value;
+      constexpr bool kCL = decltype(cl_c)::value;
+      const ForwardApply<kMode, kCL, acc_t, scalar_t> f{
+          xp, rp, op, as_layout<kCL>(affine_view(aff, C)), relu};
+      for_each_element<kCL, acc_t>(s, f);
+    });
+  });
+  return {out, save_stats, new_running};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                    const at::Tensor& bias, const std::optional<at::Tensor>& residual,
+                    const std::optional<at::Tensor>& residual_weight,
+                    const std::optional<at::Tensor>& residual_bias, const at::Tensor& save_stats,
+                    bool residual_bn, bool training, bool relu) {
+  const Shape s = shape_of(x);
+  TORCH_CHECK(x.device().is_cpu(), "resnet_fast cpu backend: input must be on the CPU");
+  check_activation("grad_out", grad_out, x);
+  TORCH_CHECK(!residual_bn || (residual.has_value() && residual_weight.has_value() &&
+                               residual_bias.has_value()),
+              "resnet_fast cpu backend: residual_bn needs residual, its weight and bias");
+  if (residual.has_value()) check_activation("residual", *residual, x);
+  const int mode = residual_mode(residual, residual_bn);
+  const bool cl = is_channels_last(x);
+  const int64_t B = residual_bn ? 2 : 1;
+  const int64_t C = s.C;
+  const auto acc_opts = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  TORCH_CHECK(save_stats.sizes() == at::IntArrayRef({B, 2, C}) && save_stats.is_contiguous() &&
+                  save_stats.scalar_type() == acc_opts.dtype().toScalarType(),
+              "resnet_fast cpu backend: save_stats must be a contiguous (", B, ", 2, ", C,
+              ") tensor of the accumulation dtype");
+
+  at::Tensor grad_input = at::empty_like(x);
+  at::Tensor grad_residual = residual.has_value() ? at::empty_like(x) : at::empty({0}, acc_opts);
+  at::Tensor grad_weight = at::empty({C}, acc_opts);
+  at::Tensor grad_bias = at::empty({C}, acc_opts);
+  at::Tensor grad_residual_weight = at::empty({residual_bn ? C : 0}, acc_opts);
+  at::Tensor grad_residual_bias = at::empty({residual_bn ? C : 0}, acc_opts);
+  at::Tensor affine = at::zeros({4, C}, acc_opts);  // scale, shift, r_scale, r_shift
+  at::Tensor coeffs = at::zeros({6, C}, acc_opts);  // k_g, k_x, k_c, r_k_g, r_k_x, r_k_c
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* dyp = grad_out.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* rp = residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr;
+    const acc_t* stats = save_stats.data_ptr<acc_t>();
+    const std::array<const at::Tensor*, 2> w = {&weight, residual_bn ? &*residual_weight : nullptr};
+    acc_t* aff = affine.data_ptr<acc_t>();
+    fill_affine<acc_t>(stats, B, C, w, {&bias, residual_bn ? &*residual_bias : nullptr}, aff);
+
+    // sum(g), sum(g * (x - mean)) [, sum(g * (r - r_mean))]
+    std::vector<double> sums(static_cast<size_t>(3 * C));
+    dispatch_mode_layout(mode, cl, [&](auto mode_c, auto cl_c) {
+      constexpr int kMode = decltype(mode_c)::value;
+      constexpr bool kCL = decltype(cl_c)::value;
+      const BackwardSums<kMode, kCL, acc_t, scalar_t> f{
+          dyp, xp, rp, as_layout<kCL>(affine_view(aff, C)), {stats}, {stats + 2 * C}, relu};
+      reduce_per_channel<kMode == kBatchNormResidual ? 3 : 2, kCL, acc_t>(s, f, sums.data());
+    });
+
+    const acc_t m = static_cast<acc_t>(s.m());
+    acc_t* k = coeffs.data_ptr<acc_t>();
+    std::array<acc_t*, 2> gw = {grad_weight.data_ptr<acc_t>(),
+                                residual_bn ? grad_residual_weight.data_ptr<acc_t>() : nullptr};
+    std::array<acc_t*, 2> gb = {grad_bias.data_ptr<acc_t>(),
+                                residual_bn ? grad_residual_bias.data_ptr<acc_t>() : nullptr};
+    for (int64_t br = 0; br < B; ++br) {
+      const acc_t* wp = w[br]->data_ptr<acc_t>();
+      const double* sum_gc = sums.data() + (1 + br) * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t sum_g = static_cast<acc_t>(sums[c]);
+        const acc_t gc = static_cast<acc_t>(sum_gc[c]);
+        const acc_t mean = stats[(br * 2) * C + c];
+        const acc_t invstd = stats[(br * 2 + 1) * C + c];
+        gb[br][c] = sum_g;
+        gw[br][c] = gc * invstd;
+        bn_backward_coeffs<acc_t>(m, sum_g, gc, mean, invstd, wp[c], training,
+                                  k + (3 * br) * C + c, k + (3 * br + 1) * C + c,
+                                  k + (3 * br + 2) * C + c);
+      }
+    }
+
+    scalar_t* dxp = grad_input.data_ptr<scalar_t>();
+    scalar_t* drp = residual.has_value() ? grad_residual.data_ptr<scalar_t>() : nullptr;
+    dispatch_mode_layout(mode, cl, [&](auto mode_c, auto cl_c) {
+      constexpr int kMode = decltype(mode_c)::value;
+      constexpr bool kCL = decltype(cl_c)::value;
+      const BackwardApply<kMode, kCL, acc_t, scalar_t> f{
+          dyp, xp, rp, dxp, drp, as_layout<kCL>(affine_view(aff, C)),
+          {k}, {k + C}, {k + 2 * C}, {k + 3 * C}, {k + 4 * C}, {k + 5 * C}, relu};
+      for_each_element<kCL, acc_t>(s, f);
+    });
+  });
+  return {grad_input, grad_weight, grad_bias, grad_residual, grad_residual_weight,
+          grad_residual_bias};
+}
+
+}  // namespace cpu
+}  // namespace resnet_fast

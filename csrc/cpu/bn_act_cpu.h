@@ -1,0 +1,33 @@
+// CPU entry points of the fused BatchNorm (+ residual) + ReLU op; the contract (arguments,
+// layouts, returned tensors) is the backend interface documented in resnet_fast/ops.py.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace resnet_fast {
+namespace cpu {
+
+// Returns (out, save_stats, new_running).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& residual_weight,
+    const std::optional<at::Tensor>& residual_bias,
+    const std::optional<at::Tensor>& residual_running_mean,
+    const std::optional<at::Tensor>& residual_running_var, bool residual_bn, bool training,
+    double momentum, double eps, bool relu);
+
+// Returns (grad_input, grad_weight, grad_bias, grad_residual, grad_residual_weight,
+// grad_residual_bias).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                    const at::Tensor& bias, const std::optional<at::Tensor>& residual,
+                    const std::optional<at::Tensor>& residual_weight,
+                    const std::optional<at::Tensor>& residual_bias, const at::Tensor& save_stats,
+                    bool residual_bn, bool training, bool relu);
+
+}  // namespace cpu
+}  // namespace resnet_fast

@@ -1,0 +1,31 @@
+// The Python module resnet_fast._C: CPU kernels always, CUDA kernels when built with CUDA.
+#include <torch/extension.h>
+
+#include "cpu/bn_act_cpu.h"
+#ifdef RESNET_FAST_WITH_CUDA
+#include "cuda/bn_act_binding.h"
+#endif
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "resnet_fast compiled kernels (see resnet_fast/ops.py for the backend interface)";
+  m.def("bn_act_forward_cpu", &resnet_fast::cpu::bn_act_forward_cpu,
+        "Fused BatchNorm (+ residual) + ReLU forward on CPU tensors", py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"),
+        py::arg("residual"), py::arg("residual_weight"), py::arg("residual_bias"),
+        py::arg("residual_running_mean"), py::arg("residual_running_var"),
+        py::arg("residual_bn"), py::arg("training"), py::arg("momentum"), py::arg("eps"),
+        py::arg("relu"));
+  m.def("bn_act_backward_cpu", &resnet_fast::cpu::bn_act_backward_cpu,
+        "Gradients of the fused BatchNorm (+ residual) + ReLU on CPU tensors",
+        py::arg("grad_out"), py::arg("x"), py::arg("weight"), py::arg("bias"),
+        py::arg("residual"), py::arg("residual_weight"), py::arg("residual_bias"),
+        py::arg("save_stats"), py::arg("residual_bn"), py::arg("training"), py::arg("relu"));
+#ifdef RESNET_FAST_WITH_CUDA
+  resnet_fast::register_cuda_bindings(m);
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

@@ -1,0 +1,131 @@
+"""Which implementations of the fused ops exist, which one runs, and why one is missing.
+
+Backends, fastest first on their devices:
+
+``cpu``
+    C++ kernels (``csrc/cpu/``) in the compiled extension ``resnet_fast._C``; CPU tensors.
+``triton``
+    Triton kernels (``resnet_fast/triton/``); CUDA tensors, and CPU tensors when Triton's
+    interpreter is on (``TRITON_INTERPRET=1`` set before ``resnet_fast`` is imported: slow, for
+    testing the kernels without a GPU, never picked by default on the CPU).
+``cuda``
+    CUDA C++ kernels (``csrc/cuda/``), built into ``resnet_fast._C`` when torch has CUDA and
+    ``nvcc`` was found at build time; CUDA tensors.
+``reference``
+    The eager definitions in :mod:`resnet_fast.reference`; every device.
+
+``backend=None`` picks the first available backend for the tensor's device in the order
+``cuda: triton, cuda, reference`` and ``cpu: cpu, reference``. The environment variable
+``RESNET_FAST_BACKEND`` overrides that default. A backend that is asked for but not available is
+an error that says why, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from functools import lru_cache
+from typing import Optional, Union
+
+import torch
+
+__all__ = ["BACKENDS", "available_backends", "unavailable_reason", "resolve_backend"]
+
+BACKENDS = ("cpu", "triton", "cuda", "reference")
+
+# Default order per device type: the first available one is picked when none is asked for.
+_DEFAULT_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+
+ENV_VAR = "RESNET_FAST_BACKEND"
+
+
+@lru_cache(maxsize=None)
+def _extension_error() -> Optional[str]:
+    try:
+        importlib.import_module("resnet_fast._C")
+    except ImportError as exc:
+        return (
+            f"the compiled extension resnet_fast._C could not be imported ({exc}); build it with "
+            "`pip install -e . --no-build-isolation` (or `make test`)"
+        )
+    return None
+
+
+@lru_cache(maxsize=None)
+def _triton_error() -> Optional[str]:
+    try:
+        importlib.import_module("resnet_fast.triton.bn_act")
+    except ImportError as exc:
+        return f"Triton could not be imported ({exc}); `pip install triton`"
+    return None
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(backend: str, device: Union[str, torch.device]) -> Optional[str]:
+    """Why ``backend`` cannot run on ``device``, or ``None`` when it can."""
+    device = torch.device(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    kind = device.type
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if kind != "cpu":
+            return f"backend 'cpu' runs on CPU tensors only, not on {kind}"
+        return _extension_error()
+    if backend == "triton":
+        if kind == "cpu" and not _triton_interpreted():
+            return (
+                "backend 'triton' runs on CUDA tensors; on CPU tensors only under Triton's "
+                "interpreter (set TRITON_INTERPRET=1 before importing resnet_fast)"
+            )
+        if kind not in ("cpu", "cuda"):
+            return f"backend 'triton' does not run on {kind} tensors"
+        if kind == "cuda" and _triton_interpreted():
+            return "TRITON_INTERPRET=1 is set: Triton kernels run on CPU tensors only"
+        return _triton_error()
+    # backend == "cuda"
+    if kind != "cuda":
+        return f"backend 'cuda' runs on CUDA tensors only, not on {kind}"
+    error = _extension_error()
+    if error is not None:
+        return error
+    if not hasattr(importlib.import_module("resnet_fast._C"), "bn_act_forward_cuda"):
+        return (
+            "resnet_fast._C was built without CUDA kernels (torch had no CUDA or nvcc was not "
+            "found when it was built); rebuild on a machine with both"
+        )
+    return None
+
+
+def available_backends(device: Union[str, torch.device] = "cpu") -> list[str]:
+    """The backends that can run on ``device``, the default one first."""
+    device = torch.device(device)
+    order = _DEFAULT_ORDER.get(device.type, ("reference",))
+    extra = [b for b in BACKENDS if b not in order]
+    return [b for b in (*order, *extra) if unavailable_reason(b, device) is None]
+
+
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """The backend to run: ``backend`` if given, else ``$RESNET_FAST_BACKEND``, else the default.
+
+    Raises ``ValueError`` for an unknown name and ``RuntimeError`` (with the reason) for a
+    backend that cannot run on ``device``.
+    """
+    if backend is None:
+        backend = os.environ.get(ENV_VAR) or None
+        source = f"{ENV_VAR}={backend!r}"
+    else:
+        source = f"backend={backend!r}"
+    if backend is None:
+        order = _DEFAULT_ORDER.get(device.type, ("reference",))
+        return next(b for b in order if unavailable_reason(b, device) is None)
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"unknown backend ({source}); expected one of {', '.join(BACKENDS)}")
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"backend {backend!r} ({source}) is not available: {reason}")
+    return backend

@@ -1,0 +1,1 @@
+"""Triton kernels of resnet_fast: one op per file."""

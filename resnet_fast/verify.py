@@ -1,0 +1,199 @@
+"""Checking a fused op against the float64 reference, under resnet_fast's tolerance policy.
+
+Tolerance policy: for every compared quantity (the output, the gradient of every input and
+parameter, the updated running statistics), the fused result's largest absolute error against
+the float64 reference may be at most twice the error of eager PyTorch in the same dtype against
+that reference, plus a small floor: ``FLOOR[dtype] * max(1, max|reference|)``.
+
+``check_case`` runs one :class:`Case` three ways from the same float64 master inputs:
+the reference in float64, the reference in the case's dtype (eager), and the fused op with the
+chosen backend, then compares. ``python -m resnet_fast verify`` and the tests both use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from resnet_fast import functional, reference
+from resnet_fast.ops import acc_dtype_of
+
+__all__ = ["FLOOR", "Case", "CaseResult", "check_case", "OPS"]
+
+# Relative floor of the tolerance, per dtype (times max(1, max|reference|)).
+FLOOR = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1e-2,
+}
+
+# name -> (has residual, residual is BatchNorm'ed)
+OPS = {
+    "batch_norm_relu": (False, False),
+    "batch_norm_add_relu": (True, False),
+    "dual_batch_norm_add_relu": (True, True),
+}
+
+LAYOUTS = ("contiguous", "channels_last", "strided")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    op: str
+    shape: tuple[int, int, int, int]
+    dtype: torch.dtype = torch.float32
+    layout: str = "contiguous"
+    training: bool = True
+    track_running_stats: bool = True
+    affine: bool = True
+    momentum: Optional[float] = 0.1
+    eps: float = 1e-5
+
+    def describe(self) -> str:
+        mode = "train" if self.training else "eval"
+        if not self.track_running_stats:
+            mode += ",untracked"
+        if self.momentum is None:
+            mode += ",cma"
+        return (f"{self.op} {tuple(self.shape)} {str(self.dtype).replace('torch.', '')} "
+                f"{self.layout} {mode}")
+
+
+@dataclasses.dataclass
+class CaseResult:
+    case: Case
+    backend: str
+    errors: dict[str, float]  # quantity -> fused max abs error vs float64
+    eager_errors: dict[str, float]
+    bounds: dict[str, float]
+
+    @property
+    def passed(self) -> bool:
+        return all(self.errors[k] <= self.bounds[k] for k in self.errors)
+
+    @property
+    def worst(self) -> str:
+        """The quantity closest to (or furthest past) its bound."""
+        return max(self.errors, key=lambda k: self.errors[k] / self.bounds[k])
+
+    def failures(self) -> list[str]:
+        return [
+            f"{k}: error {self.errors[k]:.3g} > bound {self.bounds[k]:.3g} "
+            f"(eager {self.eager_errors[k]:.3g})"
+            for k in self.errors
+            if not self.errors[k] <= self.bounds[k]
+        ]
+
+
+def _layout(t: Tensor, layout: str) -> Tensor:
+    """``t`` (4-D) in the given layout; 'strided' is a non-dense view into a wider tensor."""
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        wide = t.new_zeros((*t.shape[:3], 2 * t.shape[3]))
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+
+
+def _master_inputs(case: Case, generator: torch.Generator) -> dict[str, Optional[Tensor]]:
+    """Float64 master tensors of one case (CPU), drawn from ``generator``."""
+    N, C, H, W = case.shape
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=generator, dtype=torch.float64)
+
+    has_residual, residual_bn = OPS[case.op]
+    # Per-channel offsets and scales so channels differ, centred so ReLU cuts about half.
+    t = {"input": randn(N, C, H, W) * (0.5 + rand(1, C, 1, 1) * 2) + randn(1, C, 1, 1)}
+    t["grad_out"] = randn(N, C, H, W)
+    t["residual"] = (randn(N, C, H, W) * (0.5 + rand(1, C, 1, 1))
+                     + randn(1, C, 1, 1)) if has_residual else None
+    for prefix in ("", "residual_") if residual_bn else ("",):
+        t[prefix + "weight"] = (rand(C) + 0.5) * torch.sign(randn(C)) if case.affine else None
+        t[prefix + "bias"] = randn(C) * 0.5 if case.affine else None
+        t[prefix + "running_mean"] = randn(C) * 0.2 if case.track_running_stats else None
+        t[prefix + "running_var"] = rand(C) + 0.5 if case.track_running_stats else None
+        t[prefix + "num_batches_tracked"] = (torch.tensor(3, dtype=torch.long)
+                                             if case.track_running_stats else None)
+    return t
+
+
+_GRAD_NAMES = ("input", "residual", "weight", "bias", "residual_weight", "residual_bias")
+_STAT_NAMES = ("running_mean", "running_var", "residual_running_mean", "residual_running_var")
+
+
+def _run(fn: Callable, case: Case, masters: dict, dtype: torch.dtype, device: torch.device,
+         backend: Optional[str]) -> dict[str, Tensor]:
+    """Runs ``fn`` on the masters cast to ``dtype`` (per-channel tensors to its accumulation
+    dtype) in the case's layout; returns the output, gradients and running statistics."""
+    param_dtype = acc_dtype_of(dtype)
+    t: dict[str, Optional[Tensor]] = {}
+    for name, m in masters.items():
+        if m is None:
+            t[name] = None
+        elif m.dim() == 4:
+            t[name] = _layout(m.to(device=device, dtype=dtype), case.layout)
+        elif m.dtype == torch.long:
+            t[name] = m.clone().to(device)
+        else:
+            t[name] = m.to(device=device, dtype=param_dtype)
+    grad_inputs = [n for n in _GRAD_NAMES if t.get(n) is not None]
+    for n in grad_inputs:
+        t[n].requires_grad_(True)
+    has_residual, residual_bn = OPS[case.op]
+    bn = [t["running_mean"], t["running_var"], t["weight"], t["bias"]]
+    args = [t["input"]] + ([t["residual"]] if has_residual else []) + bn
+    kwargs = {"num_batches_tracked": t["num_batches_tracked"]}
+    if residual_bn:
+        args += [t["residual_running_mean"], t["residual_running_var"], t["residual_weight"],
+                 t["residual_bias"]]
+        kwargs["residual_num_batches_tracked"] = t["residual_num_batches_tracked"]
+    if backend is not None:
+        kwargs["backend"] = backend
+    out = fn(*args, case.training, case.momentum, case.eps, **kwargs)
+    grads = torch.autograd.grad(out, [t[n] for n in grad_inputs], t["grad_out"])
+    result = {"output": out.detach()}
+    result.update({f"grad_{n}": g for n, g in zip(grad_inputs, grads)})
+    result.update({n: t[n] for n in _STAT_NAMES if t.get(n) is not None})
+    return result
+
+
+def _max_error(a: Tensor, ref: Tensor) -> float:
+    d = (a.detach().to(device="cpu", dtype=torch.float64) - ref.cpu())
+    if d.numel() == 0:
+        return 0.0
+    err = d.abs().max().item()
+    return math.inf if math.isnan(err) else err
+
+
+def check_case(case: Case, backend: Optional[str], device: torch.device | str = "cpu",
+               seed: int = 0) -> CaseResult:
+    """Runs ``case`` with ``backend`` on ``device`` and compares it with the float64 reference
+    and with eager PyTorch in the case's dtype, under the tolerance policy."""
+    device = torch.device(device)
+    masters = _master_inputs(case, torch.Generator().manual_seed(seed))
+    fused_fn = getattr(functional, case.op)
+    ref_fn = getattr(reference, case.op)
+    ref = _run(ref_fn, case, masters, torch.float64, torch.device("cpu"), None)
+    eager = _run(ref_fn, case, masters, case.dtype, device, None)
+    fused = _run(fused_fn, case, masters, case.dtype, device, backend)
+    errors, eager_errors, bounds = {}, {}, {}
+    for name, r in ref.items():
+        if name not in fused:
+            raise AssertionError(f"{case.describe()}: fused run produced no {name}")
+        errors[name] = _max_error(fused[name], r)
+        eager_errors[name] = _max_error(eager[name], r)
+        scale = max(1.0, r.abs().max().item() if r.numel() else 0.0)
+        bounds[name] = 2 * eager_errors[name] + FLOOR[case.dtype] * scale
+    return CaseResult(case, backend or "default", errors, eager_errors, bounds)
