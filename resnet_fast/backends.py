@@ -23,8 +23,8 @@ an error that says why, never a silent fallback.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
-from functools import lru_cache
 from typing import Optional, Union
 
 import torch
@@ -39,25 +39,29 @@ _DEFAULT_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "refer
 ENV_VAR = "RESNET_FAST_BACKEND"
 
 
-@lru_cache(maxsize=None)
-def _extension_error() -> Optional[str]:
+def _probe_extension() -> tuple[Optional[str], bool]:
+    """(why resnet_fast._C cannot be used or None, whether it holds the CUDA kernels)."""
     try:
-        importlib.import_module("resnet_fast._C")
+        ext = importlib.import_module("resnet_fast._C")
     except ImportError as exc:
         return (
             f"the compiled extension resnet_fast._C could not be imported ({exc}); build it with "
             "`pip install -e . --no-build-isolation` (or `make test`)"
-        )
+        ), False
+    return None, bool(getattr(ext, "with_cuda", False))
+
+
+def _probe_triton() -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (`pip install triton`)"
+    if importlib.util.find_spec("resnet_fast.triton.bn_act") is None:
+        return "this resnet_fast has no Triton kernels (resnet_fast/triton/bn_act.py is missing)"
     return None
 
 
-@lru_cache(maxsize=None)
-def _triton_error() -> Optional[str]:
-    try:
-        importlib.import_module("resnet_fast.triton.bn_act")
-    except ImportError as exc:
-        return f"Triton could not be imported ({exc}); `pip install triton`"
-    return None
+# Probed once at import, so that resolving a backend inside torch.compile reads constants only.
+_EXTENSION_ERROR, _EXTENSION_HAS_CUDA = _probe_extension()
+_TRITON_ERROR = _probe_triton()
 
 
 def _triton_interpreted() -> bool:
@@ -75,7 +79,7 @@ def unavailable_reason(backend: str, device: Union[str, torch.device]) -> Option
     if backend == "cpu":
         if kind != "cpu":
             return f"backend 'cpu' runs on CPU tensors only, not on {kind}"
-        return _extension_error()
+        return _EXTENSION_ERROR
     if backend == "triton":
         if kind == "cpu" and not _triton_interpreted():
             return (
@@ -86,14 +90,13 @@ def unavailable_reason(backend: str, device: Union[str, torch.device]) -> Option
             return f"backend 'triton' does not run on {kind} tensors"
         if kind == "cuda" and _triton_interpreted():
             return "TRITON_INTERPRET=1 is set: Triton kernels run on CPU tensors only"
-        return _triton_error()
+        return _TRITON_ERROR
     # backend == "cuda"
     if kind != "cuda":
         return f"backend 'cuda' runs on CUDA tensors only, not on {kind}"
-    error = _extension_error()
-    if error is not None:
-        return error
-    if not hasattr(importlib.import_module("resnet_fast._C"), "bn_act_forward_cuda"):
+    if _EXTENSION_ERROR is not None:
+        return _EXTENSION_ERROR
+    if not _EXTENSION_HAS_CUDA:
         return (
             "resnet_fast._C was built without CUDA kernels (torch had no CUDA or nvcc was not "
             "found when it was built); rebuild on a machine with both"

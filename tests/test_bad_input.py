@@ -1,0 +1,131 @@
+"""Bad input gets a clear error naming the argument; backend selection never falls back silently."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import resnet_fast
+from resnet_fast import backends, functional
+
+from conftest import DEVICE
+
+C = 4
+
+
+def _args(**over):
+    a = dict(input=torch.randn(2, C, 3, 3, device=DEVICE),
+             running_mean=torch.zeros(C, device=DEVICE), running_var=torch.ones(C, device=DEVICE),
+             weight=torch.ones(C, device=DEVICE), bias=torch.zeros(C, device=DEVICE),
+             training=True)
+    a.update(over)
+    return a
+
+
+def _call(**over):
+    a = _args(**over)
+    residual = a.pop("residual", None)
+    if residual is None:
+        return functional.batch_norm_relu(**a)
+    return functional.batch_norm_add_relu(residual=residual, **a)
+
+
+@pytest.mark.parametrize(
+    "over,error,pattern",
+    [
+        (dict(input=torch.randn(2, C, 3)), ValueError, r"input must be 4-D.*got 3-D"),
+        (dict(input=torch.randn(2, C, 3, 3, 1)), ValueError, r"input must be 4-D"),
+        (dict(input=torch.ones(2, C, 3, 3, dtype=torch.int64)), TypeError,
+         r"input must be a floating-point tensor.*int64"),
+        (dict(input=[1.0]), TypeError, r"input must be a Tensor"),
+        (dict(running_mean=torch.zeros(C + 1)), ValueError,
+         r"running_mean must have shape \(4,\).*got \(5,\)"),
+        (dict(weight=torch.ones(C, 1)), ValueError, r"weight must have shape \(4,\)"),
+        (dict(bias=torch.zeros(C, dtype=torch.int32)), TypeError, r"bias must be a floating"),
+        (dict(running_var=None), ValueError, r"running_mean and running_var must both be given"),
+        (dict(input=torch.randn(1, C, 1, 1)), ValueError,
+         r"Expected more than 1 value per channel when training"),
+        (dict(residual=torch.randn(2, C, 3, 4)), ValueError,
+         r"residual must have the input's shape \(2, 4, 3, 3\), got \(2, 4, 3, 4\)"),
+        (dict(residual=torch.randn(2, C, 3, 3, dtype=torch.float64)), TypeError,
+         r"residual has dtype torch.float64 but input has dtype torch.float32"),
+        (dict(momentum=None), ValueError, r"momentum=None .* needs num_batches_tracked"),
+        (dict(backend="tpu"), ValueError, r"unknown backend \(backend='tpu'\); expected one of"),
+    ],
+    ids=lambda v: v.__name__ if isinstance(v, type) else None,
+)
+def test_bad_input_names_the_argument(over, error, pattern):
+    with pytest.raises(error, match=pattern):
+        _call(**over)
+
+
+def test_training_with_one_value_per_channel_is_allowed_in_eval():
+    y = _call(input=torch.randn(1, C, 1, 1, device=DEVICE), training=False)
+    assert y.shape == (1, C, 1, 1)
+
+
+def test_mixed_devices_rejected():
+    if DEVICE.type != "cuda":
+        x = torch.randn(2, C, 3, 3, device="meta")
+        with pytest.raises(ValueError, match=r"running_mean is on cpu but input is on meta"):
+            functional.batch_norm_relu(x, torch.zeros(C), torch.ones(C), training=True)
+    else:
+        with pytest.raises(ValueError, match=r"running_mean is on cpu but input is on cuda"):
+            _call(running_mean=torch.zeros(C))
+
+
+def test_dual_requires_tracking_together():
+    x = torch.randn(2, C, 3, 3, device=DEVICE)
+    s = torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)
+    with pytest.raises(ValueError, match="residual_running_mean must both be given or both None"):
+        functional.dual_batch_norm_add_relu(x, x.clone(), *s, None, None, None, None, None, None,
+                                            training=True)
+    with pytest.raises(ValueError, match=r"residual_weight must have shape \(4,\)"):
+        functional.dual_batch_norm_add_relu(x, x.clone(), *s, None, None, *s, torch.ones(3),
+                                            None, training=True)
+
+
+def test_unavailable_backend_says_why():
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' .* not available: .*CUDA"):
+        _call(input=torch.randn(2, C, 3, 3), running_mean=torch.zeros(C),
+              running_var=torch.ones(C), weight=None, bias=None, backend="cuda")
+
+
+def test_env_override_and_unknown_env_value(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    assert backends.resolve_backend(None, cpu) == "reference"
+    monkeypatch.setenv(backends.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match=r"unknown backend \(RESNET_FAST_BACKEND='fastest'\)"):
+        backends.resolve_backend(None, cpu)
+    monkeypatch.delenv(backends.ENV_VAR)
+    assert backends.resolve_backend(None, cpu) == resnet_fast.available_backends(cpu)[0]
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reason = resnet_fast.unavailable_reason("triton", "cpu")
+    assert reason is not None and "TRITON_INTERPRET=1" in reason
+
+
+def test_available_backends_lists_default_first():
+    assert resnet_fast.available_backends("cpu")[0] == "cpu"
+    assert "reference" in resnet_fast.available_backends("cpu")
+    assert resnet_fast.unavailable_reason("reference", "cpu") is None
+
+
+def test_import_without_extension():
+    """The package imports without resnet_fast._C; the cpu backend then says how to build it."""
+    code = (
+        "import sys; sys.modules['resnet_fast._C'] = None\n"
+        "import resnet_fast\n"
+        "print(resnet_fast.available_backends('cpu'))\n"
+        "print(resnet_fast.unavailable_reason('cpu', 'cpu'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RESNET_FAST_BACKEND"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True).stdout.splitlines()
+    assert out[0] == "['reference']" or out[0] == "['reference', 'triton']"
+    assert "could not be imported" in out[1] and "pip install -e ." in out[1]

@@ -1,0 +1,130 @@
+"""Parity of the fused BatchNorm (+ add) + ReLU ops with the reference, on every backend that
+runs on this machine, under the tolerance policy (resnet_fast.verify)."""
+
+import itertools
+
+import pytest
+import torch
+
+import resnet_fast
+from resnet_fast import functional, reference
+from resnet_fast.verify import LAYOUTS, OPS, Case, check_case
+
+from conftest import DEVICE
+
+BACKENDS = [b for b in resnet_fast.available_backends(DEVICE) if b != "reference"]
+# Triton's interpreter is slow: it gets the small shapes only.
+INTERPRETED = DEVICE.type == "cpu"
+
+SHAPES = [(2, 7, 5, 3), (8, 64, 16, 16), (4, 2048, 7, 7), (3, 33, 4, 5)]
+SMALL_SHAPES = [(2, 7, 5, 3), (3, 33, 4, 5)]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _assert_passes(case, backend):
+    result = check_case(case, backend, DEVICE)
+    assert result.passed, f"{case.describe()} [{backend}]: " + "; ".join(result.failures())
+
+
+def _shapes(backend):
+    return SMALL_SHAPES if backend == "triton" and INTERPRETED else SHAPES
+
+
+def _parity_cases():
+    for backend in BACKENDS:
+        for op, shape, dtype, layout, training in itertools.product(
+            OPS, _shapes(backend), DTYPES, LAYOUTS, (True, False)
+        ):
+            yield pytest.param(Case(op, shape, dtype, layout, training), backend,
+                               id=f"{backend}-{Case(op, shape, dtype, layout, training).describe()}")
+
+
+@pytest.mark.parametrize("case,backend", list(_parity_cases()))
+def test_parity(case, backend):
+    _assert_passes(case, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(shape=(1, 3, 1, 1), training=False),  # N=1, 1x1 spatial, eval
+        dict(shape=(2, 5, 1, 1)),  # 1x1 spatial in training
+        dict(shape=(2, 6, 3, 3), momentum=None),  # cumulative moving average
+        dict(shape=(2, 6, 3, 3), track_running_stats=False),  # batch statistics, no tracking
+        dict(shape=(2, 6, 3, 3), track_running_stats=False, training=False),
+        dict(shape=(2, 6, 3, 3), affine=False),  # weight and bias None
+        dict(shape=(2, 6, 3, 3), dtype=torch.float64),
+        dict(shape=(2, 6, 3, 3), dtype=torch.float16, layout="channels_last"),
+    ],
+    ids=lambda v: ",".join(f"{k}={v[k]}" for k in v),
+)
+def test_corners(backend, op, variant):
+    _assert_passes(Case(op, **variant), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_output_keeps_memory_format(backend, memory_format):
+    x = torch.randn(2, 8, 3, 5, device=DEVICE).to(memory_format=memory_format)
+    rm, rv = torch.zeros(8, device=DEVICE), torch.ones(8, device=DEVICE)
+    y = functional.batch_norm_add_relu(x, torch.randn_like(x), rm, rv, training=True,
+                                       backend=backend)
+    assert y.is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cumulative_average_matches_module(backend):
+    """momentum=None over several steps, with num_batches_tracked as nn.BatchNorm2d keeps it."""
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(6, momentum=None).to(DEVICE)
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    count = bn.num_batches_tracked.clone()
+    for _ in range(3):
+        x = torch.randn(4, 6, 3, 3, device=DEVICE) * 3 + 1
+        expected = torch.relu(bn(x))
+        got = functional.batch_norm_relu(x, rm, rv, bn.weight, bn.bias, True, None,
+                                         num_batches_tracked=count, backend=backend)
+        torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(rm, bn.running_mean)
+    torch.testing.assert_close(rv, bn.running_var)
+    assert count.item() == bn.num_batches_tracked.item() == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_mean_keeps_variance(backend):
+    """A channel with mean 1e4 and std 1: float32 statistics keep the variance to < 1e-3."""
+    torch.manual_seed(0)
+    shape = (4, 3, 6, 6) if INTERPRETED and backend == "triton" else (16, 3, 32, 32)
+    x64 = torch.randn(shape, dtype=torch.float64)
+    x64[:, 1] += 1e4
+    x64[:, 2] = 7.0  # constant channel
+    x = x64.float().to(DEVICE)
+    rm, rv = torch.zeros(3, device=DEVICE), torch.zeros(3, device=DEVICE)
+    y = functional.batch_norm_relu(x, rm, rv, training=True, momentum=1.0, backend=backend)
+    exact = x.double().cpu().transpose(0, 1).reshape(3, -1).var(dim=1)  # unbiased
+    rel = ((rv.double().cpu() - exact).abs() / exact.clamp_min(1e-30))[:2]
+    assert rel.max().item() < 1e-3, rel
+    assert rv[2].item() == 0.0
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_bfloat16_activations_with_float32_parameters(backend):
+    """Under autocast, half-precision activations meet float32 weights and running statistics
+    (as nn.BatchNorm2d does), and a float32 residual is cast to the activations' dtype."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 5, 5, device=DEVICE, dtype=torch.bfloat16)
+    residual = torch.randn(4, 8, 5, 5, device=DEVICE)
+    w, b = torch.rand(8, device=DEVICE) + 0.5, torch.randn(8, device=DEVICE)
+    rm, rv = torch.zeros(8, device=DEVICE), torch.ones(8, device=DEVICE)
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        y = functional.batch_norm_add_relu(x, residual, rm, rv, w, b, True, backend=backend)
+    assert y.dtype == torch.bfloat16 and rm.dtype == rv.dtype == torch.float32
+    expected = reference.batch_norm_add_relu(x.float(), residual.bfloat16().float(), rm_ref,
+                                             rv_ref, w, b, True)
+    torch.testing.assert_close(y.float(), expected, atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(rm, rm_ref, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(rv, rv_ref, atol=1e-3, rtol=1e-3)

@@ -1,0 +1,139 @@
+"""torch.library registration: opcheck, float64 gradcheck and torch.compile for every op."""
+
+import pytest
+import torch
+
+import resnet_fast
+from resnet_fast import functional, ops
+
+from conftest import DEVICE
+
+BACKENDS = [b for b in resnet_fast.available_backends(DEVICE) if b != "reference"]
+
+
+def _bn_act_args(mode, training, track, backend, dtype=torch.float32, memory_format=None,
+                 requires_grad=True):
+    """Arguments of resnet_fast::bn_act for a residual mode ('none', 'add', 'bn')."""
+    torch.manual_seed(0)
+    C = 5
+    x = torch.randn(3, C, 4, 3, dtype=dtype, device=DEVICE)
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
+    acc = ops.acc_dtype_of(dtype)
+
+    def per_channel(offset, grad):
+        return (torch.rand(C, dtype=acc, device=DEVICE) + offset).requires_grad_(
+            grad and requires_grad)
+
+    r = torch.randn_like(x).requires_grad_(requires_grad) if mode != "none" else None
+    rbn = mode == "bn"
+    stats = (lambda: (per_channel(-0.5, False), per_channel(0.5, False))) if track else (
+        lambda: (None, None))
+    rm, rv = stats()
+    rrm, rrv = stats() if rbn else (None, None)
+    return (x.requires_grad_(requires_grad), per_channel(0.5, True), per_channel(-0.5, True),
+            rm, rv, r,
+            per_channel(0.5, True) if rbn else None, per_channel(-0.5, True) if rbn else None,
+            rrm, rrv, rbn, training, 0.1, 1e-5, True, backend)
+
+
+OPCHECK_CASES = [
+    ("none", True, True), ("add", True, True), ("bn", True, True), ("none", False, True),
+    ("add", False, True), ("bn", False, True), ("add", True, False),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode,training,track", OPCHECK_CASES)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_opcheck_bn_act(backend, mode, training, track, memory_format):
+    args = _bn_act_args(mode, training, track, backend, memory_format=memory_format)
+    torch.library.opcheck(ops.bn_act, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode,training,track", OPCHECK_CASES[:6])
+def test_opcheck_bn_act_backward(backend, mode, training, track):
+    args = _bn_act_args(mode, training, track, backend, requires_grad=False)
+    out, save_stats, _ = ops.bn_act(*args)
+    x, w, b, _rm, _rv, r, rw, rb = args[:8]
+    grad = torch.randn_like(out)
+    torch.library.opcheck(
+        ops.bn_act_backward, (grad, x, w, b, r, rw, rb, save_stats, mode == "bn", training, True,
+                              backend))
+
+
+def _gradcheck_inputs(op, training, track):
+    torch.manual_seed(0)
+    C = 3
+    kw = dict(dtype=torch.float64, device=DEVICE)
+    x = (torch.randn(2, C, 3, 2, **kw) + 0.3).requires_grad_()
+    args = [x]
+    if op != "batch_norm_relu":
+        args.append(torch.randn(2, C, 3, 2, **kw).requires_grad_())
+
+    def bn():
+        rm = torch.randn(C, **kw) * 0.1 if track else None
+        rv = torch.rand(C, **kw) + 0.5 if track else None
+        return [rm, rv, (torch.rand(C, **kw) + 0.5).requires_grad_(),
+                torch.randn(C, **kw).requires_grad_()]
+
+    args += bn()
+    if op == "dual_batch_norm_add_relu":
+        args += bn()
+    return args + [training]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["batch_norm_relu", "batch_norm_add_relu",
+                                "dual_batch_norm_add_relu"])
+@pytest.mark.parametrize("training,track", [(True, True), (False, True), (False, False)])
+def test_gradcheck_float64(backend, op, training, track):
+    args = _gradcheck_inputs(op, training, track)
+    fn = getattr(functional, op)
+
+    def f(*tensors):
+        # Running statistics are buffers: gradcheck must not see them change between calls.
+        it = iter(tensors)
+        call = [next(it) if isinstance(a, torch.Tensor) and a.requires_grad else
+                (a.clone() if isinstance(a, torch.Tensor) else a) for a in args]
+        return fn(*call, backend=backend)
+
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph(backend):
+    """A block end written with the fused ops compiles with no graph break and matches eager."""
+    torch.manual_seed(0)
+
+    def block_end(x, r, s, bn1, bn2, bn3):
+        y = functional.batch_norm_relu(x, *bn1, training=True, backend=backend)
+        z = functional.dual_batch_norm_add_relu(y, s, *bn2, *bn3, training=True, backend=backend)
+        return functional.batch_norm_add_relu(z, r, *bn1, training=False, backend=backend)
+
+    def bn_state():
+        return [torch.zeros(6, device=DEVICE), torch.ones(6, device=DEVICE),
+                (torch.rand(6, device=DEVICE) + 0.5).requires_grad_(),
+                torch.randn(6, device=DEVICE).requires_grad_()]
+
+    x, r, s = (torch.randn(2, 6, 4, 4, device=DEVICE, requires_grad=True) for _ in range(3))
+    states = [bn_state() for _ in range(3)]
+    eager_states = [[t.detach().clone().requires_grad_(t.requires_grad) for t in st]
+                    for st in states]
+    compiled = torch.compile(block_end, fullgraph=True)
+    out = compiled(x, r, s, *states)
+    out.sum().backward()
+    grads = [x.grad, r.grad, s.grad] + [t.grad for st in states for t in st[2:]]
+    for t in (x, r, s):
+        t.grad = None
+    expected = block_end(x, r, s, *eager_states)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected)
+    expected_grads = [x.grad, r.grad, s.grad] + [t.grad for st in eager_states for t in st[2:]]
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e)
+    for st, est in zip(states, eager_states):
+        torch.testing.assert_close(st[0], est[0])
+        torch.testing.assert_close(st[1], est[1])
