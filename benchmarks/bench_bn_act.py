@@ -1,0 +1,361 @@
+"""Benchmark of the fused BatchNorm + ReLU and BatchNorm + add + ReLU ops.
+
+Providers, all measured in the same run on the same inputs: ``eager`` (F.batch_norm, add, relu
+as separate ops), ``compile`` (torch.compile of that eager code, default mode) and every
+resnet_fast kernel backend available on the device (``cpu``; ``triton``, ``cuda``).
+
+Shapes: the BatchNorm layers of ResNet-50 (batch 32 at 64x64 input on the CPU, batch 256 at
+224x224 on a GPU) plus one large shape. Modes: ``train`` (forward + backward, the default),
+``fwd`` (training forward), ``bwd`` (backward only), ``eval`` (forward with running statistics).
+
+Each row gives the median time, GB/s computed from the bytes the fused algorithm must move
+(``bytes_moved``), and the ratio to eager. A ``roofline`` row per shape gives the time those
+bytes take in plain streaming passes measured in the same run: a reduction read
+(``torch.sum``) and an elementwise read + write (``torch.mul(out=)``) of the same tensor, and
+on CUDA also a device-to-device copy, the bandwidth ceiling.
+
+    python benchmarks/bench_bn_act.py                 # CPU, float32, both layouts
+    python benchmarks/bench_bn_act.py --device cuda   # bf16, channels_last, batch 256
+
+Results: a printed table, and CSV + JSON (+ a PNG plot when matplotlib is installed) under
+``benchmarks/results/``, each row naming the device, dtype, layout, shape and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import resnet_fast
+from resnet_fast import functional, reference
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# (channels, spatial size) of ResNet-50's BatchNorm layers for a 224x224 input; the CPU run uses
+# a 64x64 input, where every size is divided by 224/64 = 3.5.
+RESNET50_BN_224 = [(64, 112), (64, 56), (256, 56), (128, 56), (128, 28), (512, 28), (256, 28),
+                   (256, 14), (1024, 14), (512, 14), (512, 7), (2048, 7)]
+
+OPS = ("batch_norm_relu", "batch_norm_add_relu")
+MODES = ("train", "fwd", "bwd", "eval")
+
+
+def resnet50_shapes(batch: int, image: int) -> list[tuple[int, int, int, int]]:
+    shapes = []
+    for c, size in RESNET50_BN_224:
+        s = max(1, round(size * image / 224))
+        shapes.append((batch, c, s, s))
+    return shapes
+
+
+# Passes over activation-sized tensors the fused algorithm makes, per op and mode:
+# (tensors read by reductions, tensors read by elementwise passes, tensors written).
+def passes(op: str, mode: str) -> tuple[int, int, int]:
+    res = 1 if op == "batch_norm_add_relu" else 0
+    fwd_train = (1, 1 + res, 1)
+    fwd_eval = (0, 1 + res, 1)
+    bwd = (2 + res, 2 + res, 1 + res)  # reads dy, x (and r for the mask); writes dx (and dr)
+    if mode == "fwd":
+        return fwd_train
+    if mode == "eval":
+        return fwd_eval
+    if mode == "bwd":
+        return bwd
+    return tuple(a + b for a, b in zip(fwd_train, bwd))
+
+
+def timer(device: torch.device, warmup: int, reps: int) -> Callable[[Callable], list[float]]:
+    """Returns a function that times a callable: seconds per call, one entry per repetition."""
+    if device.type == "cuda":
+        def run(fn):
+            for _ in range(warmup):
+                fn()
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(reps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            return times
+        return run
+
+    def run(fn):
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return times
+    return run
+
+
+def make_inputs(shape, dtype, memory_format, device, op):
+    torch.manual_seed(0)
+    C = shape[1]
+    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    t = {
+        "x": x.requires_grad_(),
+        "r": (torch.randn(shape, device=device, dtype=dtype)
+              .contiguous(memory_format=memory_format).requires_grad_()
+              if op == "batch_norm_add_relu" else None),
+        "w": (torch.rand(C, device=device) + 0.5).requires_grad_(),
+        "b": torch.randn(C, device=device).requires_grad_(),
+        "rm": torch.zeros(C, device=device),
+        "rv": torch.ones(C, device=device),
+    }
+    t["g"] = torch.randn_like(x)
+    return t
+
+
+def provider_fn(provider: str, op: str):
+    """fn(t, training) -> output, for one provider."""
+    if provider in ("eager", "compile"):
+        ref = getattr(reference, op)
+
+        def eager(t, training):
+            args = (t["x"], t["r"]) if t["r"] is not None else (t["x"],)
+            return ref(*args, t["rm"], t["rv"], t["w"], t["b"], training)
+
+        return torch.compile(eager) if provider == "compile" else eager
+    fused = getattr(functional, op)
+
+    def run(t, training):
+        args = (t["x"], t["r"]) if t["r"] is not None else (t["x"],)
+        return fused(*args, t["rm"], t["rv"], t["w"], t["b"], training, backend=provider)
+
+    return run
+
+
+def measure(fn, t, mode, time_it):
+    params = [p for p in (t["x"], t["r"], t["w"], t["b"]) if p is not None]
+    if mode == "eval":
+        with torch.no_grad():
+            return time_it(lambda: fn(t, False))
+    if mode == "fwd":
+        with torch.no_grad():
+            return time_it(lambda: fn(t, True))
+    if mode == "bwd":
+        y = fn(t, True)
+        return time_it(lambda: torch.autograd.grad(y, params, t["g"], retain_graph=True))
+    return time_it(lambda: torch.autograd.grad(fn(t, True), params, t["g"]))
+
+
+def streaming_times(x: torch.Tensor, time_it) -> dict[str, float]:
+    """Medians of a reduction read and an elementwise read + write of ``x`` (and a copy on CUDA)."""
+    out = torch.empty_like(x)
+    res = {
+        "read": statistics.median(time_it(lambda: torch.sum(x))),
+        "read_write": statistics.median(time_it(lambda: torch.mul(x, 2.0, out=out))),
+    }
+    if x.device.type == "cuda":
+        res["copy"] = statistics.median(time_it(lambda: out.copy_(x)))
+    return res
+
+
+def versions(device: torch.device) -> dict[str, str]:
+    info = {"torch": torch.__version__, "resnet_fast": resnet_fast.__version__,
+            "python": platform.python_version()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "none"
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = str(torch.version.cuda)
+    else:
+        info["device_name"] = f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return info
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--layouts", default=None,
+                   help="comma-separated: channels_last,contiguous (default: both on CPU, "
+                        "channels_last on CUDA)")
+    p.add_argument("--ops", default=",".join(OPS))
+    p.add_argument("--modes", default="train", help=f"comma-separated from {','.join(MODES)}")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated (default: eager, compile and every available backend)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--image", type=int, default=None, help="input image size the shapes follow")
+    p.add_argument("--shapes", default=None, help="e.g. 32x256x32x32;8x64x16x16 (overrides)")
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--tag", default=None, help="file name suffix (default: device kind)")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    gpu = device.type == "cuda"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
+    layouts = (args.layouts or ("channels_last" if gpu else "channels_last,contiguous")).split(",")
+    batch = args.batch or (256 if gpu else 32)
+    image = args.image or (224 if gpu else 64)
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(";")]
+    else:
+        shapes = resnet50_shapes(batch, image) + [(batch, 256, image // 2, image // 2)]
+    backends = [b for b in resnet_fast.available_backends(device) if b != "reference"]
+    providers = (args.providers or ",".join(["eager", "compile", *backends])).split(",")
+    reps = args.reps or (50 if gpu else 7)
+    time_it = timer(device, warmup=3 if not gpu else 10, reps=reps)
+    info = versions(device)
+    elem = torch.empty((), dtype=dtype).element_size()
+
+    rows = []
+    for layout in layouts:
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        for shape in shapes:
+            numel = shape[0] * shape[1] * shape[2] * shape[3]
+            stream = streaming_times(
+                torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt),
+                time_it)
+            for op in args.ops.split(","):
+                t = make_inputs(shape, dtype, fmt, device, op)
+                for mode in args.modes.split(","):
+                    n_red, n_read, n_write = passes(op, mode)
+                    moved = (n_red + n_read + n_write) * numel * elem
+                    bound = n_red * stream["read"] + n_write * stream["read_write"] + (
+                        n_read - n_write) * stream["read"]
+                    measured = {}
+                    for provider in providers:
+                        times = measure(provider_fn(provider, op), t, mode, time_it)
+                        measured[provider] = times
+                    eager = statistics.median(measured["eager"]) if "eager" in measured else None
+                    base = dict(device=info["device_name"], dtype=str(dtype).replace("torch.", ""),
+                                layout=layout, shape="x".join(map(str, shape)), op=op, mode=mode,
+                                bytes_moved=moved, **{k: v for k, v in info.items()
+                                                      if k != "device_name"})
+                    for provider, times in measured.items():
+                        med = statistics.median(times)
+                        rows.append(dict(base, provider=provider, median_ms=med * 1e3,
+                                         min_ms=min(times) * 1e3, max_ms=max(times) * 1e3,
+                                         gbps=moved / med / 1e9,
+                                         vs_eager=(eager / med) if eager else None,
+                                         vs_roofline=med / bound))
+                    rows.append(dict(base, provider="roofline", median_ms=bound * 1e3,
+                                     min_ms=None, max_ms=None, gbps=moved / bound / 1e9,
+                                     vs_eager=(eager / bound) if eager else None, vs_roofline=1.0))
+                    if gpu and "copy" in stream:
+                        copy_gbps = 2 * numel * elem / stream["copy"] / 1e9
+                        rows.append(dict(base, provider="copy", median_ms=moved / copy_gbps / 1e6,
+                                         min_ms=None, max_ms=None, gbps=copy_gbps,
+                                         vs_eager=None, vs_roofline=None))
+                    print_rows(rows[-(len(measured) + 1 + (1 if gpu else 0)):],
+                               header=len(rows) <= len(measured) + 2 + gpu)
+
+    write_results(rows, Path(args.out), args.tag or device.type, info)
+    return 0
+
+
+COLUMNS = ("layout", "shape", "op", "mode", "provider", "median_ms", "gbps", "vs_eager",
+           "vs_roofline")
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return "-" if v is None else str(v)
+
+
+def print_rows(rows, header=False):
+    widths = (13, 16, 19, 5, 9, 10, 8, 8, 11)
+    if header:
+        print(" ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)))
+    for row in rows:
+        print(" ".join(_fmt(row[c]).ljust(w) for c, w in zip(COLUMNS, widths)), flush=True)
+
+
+def summarize(rows) -> list[dict]:
+    """Per (layout, op, mode, provider): geometric mean of vs_eager over shapes, the worst
+    shape's vs_eager, and the worst ratio to the roofline."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["provider"] in ("roofline", "copy", "eager"):
+            continue
+        groups.setdefault((r["layout"], r["op"], r["mode"], r["provider"]), []).append(r)
+    out = []
+    for (layout, op, mode, provider), rs in groups.items():
+        ratios = [r["vs_eager"] for r in rs]
+        geo = float(torch.tensor(ratios).log().mean().exp())
+        out.append(dict(layout=layout, op=op, mode=mode, provider=provider,
+                        geomean_vs_eager=geo, min_vs_eager=min(ratios),
+                        max_vs_roofline=max(r["vs_roofline"] for r in rs)))
+    return out
+
+
+def write_results(rows, out: Path, tag: str, info: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"bn_act_{tag}"
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = summarize(rows)
+    with open(stem.with_suffix(".json"), "w") as f:
+        json.dump({"versions": info, "summary": summary, "rows": rows}, f, indent=1)
+    print("\nsummary (geometric mean over shapes of the speed-up vs eager; worst shape; worst "
+          "time / roofline)")
+    for s in summary:
+        print(f"  {s['layout']:13} {s['op']:19} {s['mode']:5} {s['provider']:8} "
+              f"geomean {s['geomean_vs_eager']:.2f}x  min {s['min_vs_eager']:.2f}x  "
+              f"roofline {s['max_vs_roofline']:.2f}x")
+    plot(rows, stem.with_suffix(".png"), info)
+    print(f"\nwrote {stem}.csv, .json" + (", .png" if stem.with_suffix('.png').exists() else ""))
+
+
+def plot(rows, path: Path, info: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    panels = sorted({(r["layout"], r["op"], r["mode"]) for r in rows})
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.2 * len(panels)), squeeze=False)
+    for ax, (layout, op, mode) in zip(axes[:, 0], panels):
+        sel = [r for r in rows if (r["layout"], r["op"], r["mode"]) == (layout, op, mode)]
+        shapes = list(dict.fromkeys(r["shape"] for r in sel))
+        for provider in dict.fromkeys(r["provider"] for r in sel):
+            if provider in ("eager", "copy"):
+                continue
+            ys = [next((r["vs_eager"] for r in sel
+                        if r["shape"] == s and r["provider"] == provider), None) for s in shapes]
+            ax.plot(range(len(shapes)), ys, marker="o",
+                    linestyle="--" if provider == "roofline" else "-", label=provider)
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_xticks(range(len(shapes)))
+        ax.set_xticklabels(shapes, rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel("speed-up vs eager")
+        ax.set_title(f"{op} {mode} {layout} {sel[0]['dtype']} on {info['device_name']}",
+                     fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
