@@ -25,8 +25,13 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <array>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "../bn_act_math.h"
 
@@ -201,6 +206,23 @@ void for_each_element(const Shape& s, const F& f) {
       for (; i < row_len; ++i) f.template apply<acc_t>(base + i, c + i * kChannelsLast);
     }
   });
+}
+
+// A new activation-sized output. A large fresh allocation is an mmap whose 4 KB pages each
+// fault on first write, which can cost more than the write itself; the region is advised to
+// use transparent huge pages before anything touches it, cutting the faults 512-fold (what
+// PyTorch's THP_MEM_ALLOC_ENABLE does for every allocation). Advice only: where the kernel
+// declines, nothing changes.
+at::Tensor empty_output_like(const at::Tensor& x) {
+  at::Tensor t = at::empty_like(x);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t begin = (p + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t end = (p + t.nbytes()) & ~(kHugePage - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+  return t;
 }
 
 // Per-channel scale/shift of both BatchNorm branches, the constants every pass uses.
@@ -432,7 +454,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(
 
   at::Tensor save_stats = at::empty({B, 2, C}, acc_opts);
   at::Tensor new_running = tracks ? at::empty({B, 2, C}, acc_opts) : at::empty({0}, acc_opts);
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = empty_output_like(x);
   at::Tensor affine = at::zeros({4, C}, acc_opts);  // scale, shift, r_scale, r_shift
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_forward_cpu", [&] {
@@ -526,8 +548,9 @@ bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::T
               "resnet_fast cpu backend: save_stats must be a contiguous (", B, ", 2, ", C,
               ") tensor of the accumulation dtype");
 
-  at::Tensor grad_input = at::empty_like(x);
-  at::Tensor grad_residual = residual.has_value() ? at::empty_like(x) : at::empty({0}, acc_opts);
+  at::Tensor grad_input = empty_output_like(x);
+  at::Tensor grad_residual =
+      residual.has_value() ? empty_output_like(x) : at::empty({0}, acc_opts);
   at::Tensor grad_weight = at::empty({C}, acc_opts);
   at::Tensor grad_bias = at::empty({C}, acc_opts);
   at::Tensor grad_residual_weight = at::empty({residual_bn ? C : 0}, acc_opts);
