@@ -68,6 +68,12 @@ RF_HOST_DEVICE void bn_stats_from_shifted_sums(A m, A s1, A s2, A pivot, A eps,
   *invstd = A(1) / std::sqrt(v + eps);
 }
 
+// The normalising factor of a variance: 1 / sqrt(var + eps) (running variance in eval).
+template <typename A>
+RF_HOST_DEVICE A bn_invstd(A var, A eps) {
+  return A(1) / std::sqrt(var + eps);
+}
+
 // nn.BatchNorm2d's running update: exponential average with factor `momentum`, the variance
 // term unbiased (m / (m - 1)); m == 1 cannot happen in training (rejected up front).
 template <typename A>
@@ -83,6 +89,12 @@ template <typename A>
 RF_HOST_DEVICE void bn_scale_shift(A mean, A invstd, A w, A b, A* scale, A* shift) {
   *scale = w * invstd;
   *shift = b - mean * *scale;
+}
+
+// grad_w = sum(g * xhat) = invstd * sum(g * (x - mean)), from the channel's sum_gc.
+template <typename A>
+RF_HOST_DEVICE A bn_weight_grad(A sum_gc, A invstd) {
+  return sum_gc * invstd;
 }
 
 // Coefficients of dx = g * k_g + x * k_x + k_c from the channel's sums

@@ -506,7 +506,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(
         const acc_t* vp = rv[br]->value().data_ptr<acc_t>();
         for (int64_t c = 0; c < C; ++c) {
           stats[(br * 2) * C + c] = mp[c];
-          stats[(br * 2 + 1) * C + c] = acc_t(1) / std::sqrt(vp[c] + static_cast<acc_t>(eps));
+          stats[(br * 2 + 1) * C + c] = bn_invstd<acc_t>(vp[c], static_cast<acc_t>(eps));
         }
       }
     }
@@ -593,7 +593,7 @@ bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::T
         const acc_t mean = stats[(br * 2) * C + c];
         const acc_t invstd = stats[(br * 2 + 1) * C + c];
         gb[br][c] = sum_g;
-        gw[br][c] = gc * invstd;
+        gw[br][c] = bn_weight_grad(gc, invstd);
         bn_backward_coeffs<acc_t>(m, sum_g, gc, mean, invstd, wp[c], training,
                                   k + (3 * br) * C + c, k + (3 * br + 1) * C + c,
                                   k + (3 * br + 2) * C + c);
