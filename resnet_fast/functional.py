@@ -85,7 +85,7 @@ def _check_batch_norm_args(bn: _BatchNormArgs, input: Tensor, training: bool) ->
             raise TypeError(f"{name} must be a Tensor or None, got {type(t).__name__}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-        if t.shape != (C,):
+        if t.dim() != 1 or t.shape[0] != C:
             raise ValueError(
                 f"{name} must have shape ({C},) (one value per channel of input), "
                 f"got {tuple(t.shape)}"
@@ -153,7 +153,7 @@ def _fused(
     # Eval with running statistics normalises with them; otherwise batch statistics are used,
     # and the running statistics (when given) are updated.
     batch_stats = training or bn.running_mean is None
-    out, _save_stats, new_running = ops.bn_act(
+    out, _save_stats, new_running = ops.fused_bn_act(
         input,
         bn.weight,
         bn.bias,
