@@ -57,7 +57,9 @@ def _backend_kernels(backend: str):
 
 
 def _per_channel(t: Optional[Tensor], acc: torch.dtype) -> Optional[Tensor]:
-    return None if t is None else t.to(acc).contiguous()
+    if t is None or (t.dtype == acc and t.is_contiguous()):
+        return t
+    return t.to(acc).contiguous()
 
 
 def _prepare(x: Tensor, *tensors: Optional[Tensor]) -> tuple[Tensor, ...]:
