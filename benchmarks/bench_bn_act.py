@@ -167,6 +167,17 @@ def streaming_times(x: torch.Tensor, time_it) -> dict[str, float]:
     return res
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def versions(device: torch.device) -> dict[str, str]:
     info = {"torch": torch.__version__, "resnet_fast": resnet_fast.__version__,
             "python": platform.python_version()}
@@ -180,7 +191,7 @@ def versions(device: torch.device) -> dict[str, str]:
         info["device_name"] = torch.cuda.get_device_name(device)
         info["cuda"] = str(torch.version.cuda)
     else:
-        info["device_name"] = f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+        info["device_name"] = f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     return info
 
 

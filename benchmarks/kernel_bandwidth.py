@@ -13,7 +13,7 @@ moves the bytes its role must move:
 
     python benchmarks/kernel_bandwidth.py [--out DIR]
 
-Writes ``kernel_bandwidth_cuda.csv`` under benchmarks/results/ (or --out).
+Writes ``kernel_bandwidth_<device>.csv`` under benchmarks/results/ (or --out).
 """
 
 from __future__ import annotations
@@ -129,7 +129,8 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "kernel_bandwidth_cuda.csv", "w", newline="") as f:
+    tag = re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")
+    with open(out / f"kernel_bandwidth_{tag}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
         writer.writeheader()
         writer.writerows(rows)

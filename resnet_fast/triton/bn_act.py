@@ -1,0 +1,773 @@
+"""Triton kernels of the fused BatchNorm (+ residual / + BatchNorm'ed residual) + ReLU op.
+
+Math (csrc/bn_act_math.h has the same formulas for the C++ backends). Per channel c over its
+m = N*H*W values:
+
+    mean = sum(x) / m,   var = sum((x - mean)^2) / m (biased),   invstd = 1 / sqrt(var + eps)
+    out = act(x * scale + shift + r_term),   scale = w * invstd,   shift = b - mean * scale
+    r_term = 0 | r | r * r_scale + r_shift (the residual BatchNorm'ed with its own statistics)
+
+The statistics come from pivot-shifted sums, s1 = sum(x - p), s2 = sum((x - p)^2) with p the
+channel's first element: mean = p + s1/m, var = max(s2/m - (s1/m)^2, 0). Shifting keeps the
+variance exact when the mean is large against the spread (raw sum / sum of squares would cancel).
+Training also gives nn.BatchNorm2d's running update:
+    running_mean' = (1 - momentum) * running_mean + momentum * mean
+    running_var'  = (1 - momentum) * running_var  + momentum * var * m / (m - 1).
+
+Backward, with g = dy * [pre-activation > 0] (the ReLU mask recomputed from x, r and the saved
+statistics):
+    grad_bias = sum(g),  grad_weight = invstd * sum(g * (x - mean))
+    dx = g * k_g + x * k_x + k_c  with  k_g = w * invstd and, for batch statistics,
+        k_x = -k_g * invstd^2 * sum(g * (x - mean)) / m,   k_c = -k_g * sum(g) / m - k_x * mean
+    (k_x = k_c = 0 for fixed statistics), and the same with the residual's own statistics and
+    weight for the gradient of a BatchNorm'ed residual (a plain residual's gradient is g).
+
+Layouts. An activation is a matrix of M = N*H*W rows by C channels, stored either
+channels_last (element (m, c) at m*C + c: channel innermost) or NCHW (element (n, c, hw) at
+(n*C + c)*HW + hw: HW innermost). A program works on 2-D tiles whose second axis is the
+contiguous one, so loads and stores are 16-byte vectors along it:
+    channels_last: [BLOCK_R rows, BLOCK_C channels]
+    NCHW:          [BLOCK_C channels, BLOCK_R positions of one image's HW plane]
+(NCHW with H*W == 1 is the same memory as channels_last and takes that path.) The row tiles
+are numbered t = 0 .. num_row_tiles-1 (NCHW: t = n * row_tiles_per_n + hw block) and split
+into contiguous runs of tiles_per_program tiles, one run per program along grid axis 0; grid
+axis 1 walks the channel blocks. Addresses are an int64 tile base plus int32 in-tile offsets.
+
+Passes over memory per activation element:
+    training forward: bn_act_fwd_stats_kernel reads x (and r) and writes a small
+        [row programs, sums, C] buffer of per-program partial sums; bn_act_fwd_apply_kernel
+        re-reduces those partials for its channel block in its prologue (they are small), then
+        reads x (and r) and writes out. Only the first row of programs writes save_stats and
+        the new running statistics, so each is written once.
+    eval forward: bn_act_fwd_apply_kernel alone, statistics from the running ones.
+    backward: bn_act_bwd_reduce_kernel (partial sums of g, g*(x - mean), g*(r - r_mean)), then
+        bn_act_bwd_apply_kernel writes grad_input (and grad_residual), and its first row of
+        programs the weight and bias gradients.
+Accumulation is float32 (float64 for float64 tensors), the dtype of weight, bias, the
+statistics and the partial sums.
+"""
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["BnActConfig", "pick_config", "forward", "backward"]
+
+# RESIDUAL_MODE of the kernels: r_term = 0, r, or r * r_scale + r_shift.
+NO_RESIDUAL, ADD_RESIDUAL, BN_RESIDUAL = 0, 1, 2
+
+
+# --------------------------------------------------------------------------- tile helpers
+
+
+@triton.jit
+def _row_tile(t, c0, C, HW, M, row_tiles_per_n, CHANNELS_LAST: tl.constexpr,
+              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(int64 base, int32 in-tile offsets, mask) of row tile t at channels c0 .. c0+BLOCK_C."""
+    if CHANNELS_LAST:
+        rows = tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_C)
+        m0 = t * BLOCK_R
+        base = tl.cast(m0, tl.int64) * C + c0
+        offs = rows[:, None] * C + cols[None, :]
+        mask = (rows[:, None] < M - m0) & (cols[None, :] < C - c0)
+    else:
+        chans = tl.arange(0, BLOCK_C)
+        pos = tl.arange(0, BLOCK_R)
+        n = t // row_tiles_per_n
+        hw0 = (t - n * row_tiles_per_n) * BLOCK_R
+        base = (tl.cast(n, tl.int64) * C + c0) * HW + hw0
+        offs = chans[:, None] * HW + pos[None, :]
+        mask = (chans[:, None] < C - c0) & (pos[None, :] < HW - hw0)
+    return base, offs, mask
+
+
+@triton.jit
+def _tile_zeros(dtype: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_C: tl.constexpr):
+    if CHANNELS_LAST:
+        z = tl.zeros([BLOCK_R, BLOCK_C], dtype)
+    else:
+        z = tl.zeros([BLOCK_C, BLOCK_R], dtype)
+    return z
+
+
+@triton.jit
+def _per_channel(v, CHANNELS_LAST: tl.constexpr):
+    """A [BLOCK_C] vector broadcastable against a tile (channels on axis 1 or 0)."""
+    if CHANNELS_LAST:
+        b = v[None, :]
+    else:
+        b = v[:, None]
+    return b
+
+
+@triton.jit
+def _channel_sum(tile, CHANNELS_LAST: tl.constexpr):
+    """Per-channel sum of a tile: a [BLOCK_C] vector."""
+    if CHANNELS_LAST:
+        s = tl.sum(tile, axis=0)
+    else:
+        s = tl.sum(tile, axis=1)
+    return s
+
+
+@triton.jit
+def _first_row_offsets(c, HW, CHANNELS_LAST: tl.constexpr):
+    """Offsets of element (m = 0, c): the pivot of the shifted sums."""
+    if CHANNELS_LAST:
+        offs = c
+    else:
+        offs = c * HW
+    return offs
+
+
+@triton.jit
+def _inv_sqrt(v):
+    # Round-to-nearest sqrt and division in float64 (gradcheck); rsqrt in float32.
+    if v.dtype == tl.float64:
+        r = 1.0 / tl.sqrt(v)
+    else:
+        r = tl.rsqrt(v)
+    return r
+
+
+@triton.jit
+def _pre_activation(x, r, scale, shift, r_scale, r_shift, RESIDUAL_MODE: tl.constexpr):
+    """x * scale + shift + r_term: the value the ReLU sees."""
+    y = x * scale + shift
+    if RESIDUAL_MODE == 1:
+        y += r
+    elif RESIDUAL_MODE == 2:
+        y += r * r_scale + r_shift
+    return y
+
+
+@triton.jit
+def _sum_partials(partials_ptr, k, c, c_mask, C, num_partials, NUM_SUMS: tl.constexpr,
+                  PARTIAL_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """sum over row programs p of partials[p, k, c]: a [BLOCK_C] vector."""
+    rows = tl.arange(0, PARTIAL_CHUNK)
+    acc = tl.zeros([PARTIAL_CHUNK, BLOCK_C], partials_ptr.dtype.element_ty)
+    for p0 in range(0, num_partials, PARTIAL_CHUNK):
+        p = p0 + rows
+        ptrs = partials_ptr + (p[:, None] * NUM_SUMS + k) * C + c[None, :]
+        acc += tl.load(ptrs, mask=(p[:, None] < num_partials) & c_mask[None, :], other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _bn_channel_stats(src_ptr, running_mean_ptr, running_var_ptr, partials_ptr, save_stats_ptr,
+                      new_running_ptr, branch, c, c_mask, store_mask, C, HW, M, num_partials,
+                      eps, momentum, TRAINING: tl.constexpr, TRACK_RUNNING: tl.constexpr,
+                      NUM_SUMS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                      PARTIAL_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(mean, invstd) of one BatchNorm branch (0: x, 1: the residual) for channels c.
+
+    Training: from the pivot-shifted partial sums 2*branch, 2*branch+1 (pivot re-read from
+    src_ptr), plus the running update; eval: from the running statistics. The first row of
+    programs (store_mask) stores save_stats[branch] and new_running[branch].
+    """
+    acc: tl.constexpr = partials_ptr.dtype.element_ty
+    eps_c = tl.full([BLOCK_C], eps, acc)
+    if TRAINING:
+        m = tl.full([BLOCK_C], M, acc)
+        pivot = tl.load(src_ptr + _first_row_offsets(c, HW, CHANNELS_LAST), mask=c_mask,
+                        other=0.0).to(acc)
+        s1 = _sum_partials(partials_ptr, 2 * branch, c, c_mask, C, num_partials, NUM_SUMS,
+                           PARTIAL_CHUNK, BLOCK_C)
+        s2 = _sum_partials(partials_ptr, 2 * branch + 1, c, c_mask, C, num_partials, NUM_SUMS,
+                           PARTIAL_CHUNK, BLOCK_C)
+        d = s1 / m
+        var = tl.maximum(s2 / m - d * d, 0.0)
+        mean = pivot + d
+        if TRACK_RUNNING:
+            mom = tl.full([BLOCK_C], momentum, acc)
+            old_mean = tl.load(running_mean_ptr + c, mask=c_mask, other=0.0)
+            old_var = tl.load(running_var_ptr + c, mask=c_mask, other=0.0)
+            new_mean = (1.0 - mom) * old_mean + mom * mean
+            new_var = (1.0 - mom) * old_var + mom * (var * m / (m - 1.0))
+            tl.store(new_running_ptr + (2 * branch) * C + c, new_mean, mask=store_mask)
+            tl.store(new_running_ptr + (2 * branch + 1) * C + c, new_var, mask=store_mask)
+    else:
+        mean = tl.load(running_mean_ptr + c, mask=c_mask, other=0.0)
+        var = tl.load(running_var_ptr + c, mask=c_mask, other=0.0)
+    invstd = _inv_sqrt(var + eps_c)
+    tl.store(save_stats_ptr + (2 * branch) * C + c, mean, mask=store_mask)
+    tl.store(save_stats_ptr + (2 * branch + 1) * C + c, invstd, mask=store_mask)
+    return mean, invstd
+
+
+@triton.jit
+def _load_scale_shift(stats_ptr, weight_ptr, bias_ptr, branch, c, c_mask, C):
+    """scale = w * invstd, shift = b - mean * scale from saved (mean, invstd) of a branch."""
+    mean = tl.load(stats_ptr + (2 * branch) * C + c, mask=c_mask, other=0.0)
+    invstd = tl.load(stats_ptr + (2 * branch + 1) * C + c, mask=c_mask, other=0.0)
+    w = tl.load(weight_ptr + c, mask=c_mask, other=0.0)
+    b = tl.load(bias_ptr + c, mask=c_mask, other=0.0)
+    scale = w * invstd
+    return mean, invstd, w, scale, b - mean * scale
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def bn_act_fwd_stats_kernel(
+    x_ptr,             # activation, [M, C] channels_last or [N, C, HW]
+    residual_ptr,      # like x; read only when RESIDUAL_BN
+    partials_ptr,      # [row programs, NUM_SUMS, C] acc dtype: s1(x), s2(x)[, s1(r), s2(r)]
+    C, HW, M, row_tiles_per_n, num_row_tiles, tiles_per_program,
+    CHANNELS_LAST: tl.constexpr, RESIDUAL_BN: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Pivot-shifted partial sums of x (and of the residual) over one run of row tiles."""
+    pid_r = tl.program_id(0)
+    c0 = tl.program_id(1) * BLOCK_C
+    acc: tl.constexpr = partials_ptr.dtype.element_ty
+    NUM_SUMS: tl.constexpr = 4 if RESIDUAL_BN else 2
+    c = c0 + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    pivot_offs = _first_row_offsets(c, HW, CHANNELS_LAST)
+    # Tile-shaped accumulators, reduced across the tile once at the end: each lane sums only
+    # tiles_per_program values, and the tile reduction is a tree.
+    x_pivot = _per_channel(tl.load(x_ptr + pivot_offs, mask=c_mask, other=0.0).to(acc),
+                           CHANNELS_LAST)
+    x_s1 = _tile_zeros(acc, CHANNELS_LAST, BLOCK_R, BLOCK_C)
+    x_s2 = _tile_zeros(acc, CHANNELS_LAST, BLOCK_R, BLOCK_C)
+    if RESIDUAL_BN:
+        r_pivot = _per_channel(
+            tl.load(residual_ptr + pivot_offs, mask=c_mask, other=0.0).to(acc), CHANNELS_LAST)
+        r_s1 = _tile_zeros(acc, CHANNELS_LAST, BLOCK_R, BLOCK_C)
+        r_s2 = _tile_zeros(acc, CHANNELS_LAST, BLOCK_R, BLOCK_C)
+    t_start = pid_r * tiles_per_program
+    t_end = tl.minimum(t_start + tiles_per_program, num_row_tiles)
+    for t in range(t_start, t_end):
+        base, offs, mask = _row_tile(t, c0, C, HW, M, row_tiles_per_n, CHANNELS_LAST,
+                                     BLOCK_R, BLOCK_C)
+        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(acc)
+        d = tl.where(mask, x - x_pivot, 0.0)
+        x_s1 += d
+        x_s2 += d * d
+        if RESIDUAL_BN:
+            r = tl.load(residual_ptr + base + offs, mask=mask, other=0.0).to(acc)
+            dr = tl.where(mask, r - r_pivot, 0.0)
+            r_s1 += dr
+            r_s2 += dr * dr
+    out = partials_ptr + pid_r * (NUM_SUMS * C) + c
+    tl.store(out, _channel_sum(x_s1, CHANNELS_LAST), mask=c_mask)
+    tl.store(out + C, _channel_sum(x_s2, CHANNELS_LAST), mask=c_mask)
+    if RESIDUAL_BN:
+        tl.store(out + 2 * C, _channel_sum(r_s1, CHANNELS_LAST), mask=c_mask)
+        tl.store(out + 3 * C, _channel_sum(r_s2, CHANNELS_LAST), mask=c_mask)
+
+
+@triton.jit
+def bn_act_fwd_apply_kernel(
+    x_ptr, residual_ptr, out_ptr,                  # activations (out like x)
+    weight_ptr, bias_ptr,                          # [C] acc dtype
+    running_mean_ptr, running_var_ptr,             # [C]: eval statistics / old running ones
+    residual_weight_ptr, residual_bias_ptr,        # [C], RESIDUAL_MODE == 2
+    residual_running_mean_ptr, residual_running_var_ptr,
+    partials_ptr,                                  # bn_act_fwd_stats_kernel's, when TRAINING
+    save_stats_ptr,                                # [B, 2, C]: (mean, invstd) per branch
+    new_running_ptr,                               # [B, 2, C]: (mean, var) when TRACK_RUNNING
+    C, HW, M, row_tiles_per_n, num_row_tiles, tiles_per_program, num_partials,
+    eps: tl.float64, momentum: tl.float64,
+    CHANNELS_LAST: tl.constexpr, RESIDUAL_MODE: tl.constexpr, TRAINING: tl.constexpr,
+    TRACK_RUNNING: tl.constexpr, RELU: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PARTIAL_CHUNK: tl.constexpr,
+):
+    """out = act(x * scale + shift + r_term), statistics finalised in the prologue."""
+    pid_r = tl.program_id(0)
+    c0 = tl.program_id(1) * BLOCK_C
+    acc: tl.constexpr = weight_ptr.dtype.element_ty
+    NUM_SUMS: tl.constexpr = 4 if RESIDUAL_MODE == 2 else 2
+    c = c0 + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    store_mask = c < tl.where(pid_r == 0, C, 0)  # per-channel results: first row of programs
+    mean, invstd = _bn_channel_stats(
+        x_ptr, running_mean_ptr, running_var_ptr, partials_ptr, save_stats_ptr, new_running_ptr,
+        0, c, c_mask, store_mask, C, HW, M, num_partials, eps, momentum, TRAINING,
+        TRACK_RUNNING, NUM_SUMS, CHANNELS_LAST, PARTIAL_CHUNK, BLOCK_C)
+    w = tl.load(weight_ptr + c, mask=c_mask, other=0.0)
+    b = tl.load(bias_ptr + c, mask=c_mask, other=0.0)
+    scale = _per_channel(w * invstd, CHANNELS_LAST)
+    shift = _per_channel(b - mean * (w * invstd), CHANNELS_LAST)
+    r_scale = scale  # placeholders unless the residual is BatchNorm'ed
+    r_shift = shift
+    if RESIDUAL_MODE == 2:
+        r_mean, r_invstd = _bn_channel_stats(
+            residual_ptr, residual_running_mean_ptr, residual_running_var_ptr, partials_ptr,
+            save_stats_ptr, new_running_ptr, 1, c, c_mask, store_mask, C, HW, M,
+            num_partials, eps, momentum, TRAINING, TRACK_RUNNING, NUM_SUMS, CHANNELS_LAST,
+            PARTIAL_CHUNK, BLOCK_C)
+        rw = tl.load(residual_weight_ptr + c, mask=c_mask, other=0.0)
+        rb = tl.load(residual_bias_ptr + c, mask=c_mask, other=0.0)
+        r_scale = _per_channel(rw * r_invstd, CHANNELS_LAST)
+        r_shift = _per_channel(rb - r_mean * (rw * r_invstd), CHANNELS_LAST)
+    t_start = pid_r * tiles_per_program
+    t_end = tl.minimum(t_start + tiles_per_program, num_row_tiles)
+    for t in range(t_start, t_end):
+        base, offs, mask = _row_tile(t, c0, C, HW, M, row_tiles_per_n, CHANNELS_LAST,
+                                     BLOCK_R, BLOCK_C)
+        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(acc)
+        r = x  # unused unless there is a residual
+        if RESIDUAL_MODE != 0:
+            r = tl.load(residual_ptr + base + offs, mask=mask, other=0.0).to(acc)
+        y = _pre_activation(x, r, scale, shift, r_scale, r_shift, RESIDUAL_MODE)
+        if RELU:
+            y = tl.maximum(y, 0.0)
+        tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bn_act_bwd_reduce_kernel(
+    grad_out_ptr, x_ptr, residual_ptr,             # activations
+    weight_ptr, bias_ptr, residual_weight_ptr, residual_bias_ptr,   # [C] acc dtype
+    save_stats_ptr,                                # [B, 2, C] forward's (mean, invstd)
+    partials_ptr,                                  # [row programs, NUM_SUMS, C]:
+                                                   #   sum(g), sum(g*(x-mean))[, sum(g*(r-r_mean))]
+    C, HW, M, row_tiles_per_n, num_row_tiles, tiles_per_program,
+    CHANNELS_LAST: tl.constexpr, RESIDUAL_MODE: tl.constexpr, RELU: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Partial per-channel sums of g, g*(x - mean) (and g*(r - r_mean)) over a run of tiles."""
+    pid_r = tl.program_id(0)
+    c0 = tl.program_id(1) * BLOCK_C
+    acc: tl.constexpr = weight_ptr.dtype.element_ty
+    NUM_SUMS: tl.constexpr = 3 if RESIDUAL_MODE == 2 else 2
+    LOAD_RESIDUAL: tl.constexpr = RESIDUAL_MODE == 2 or (RELU and RESIDUAL_MODE == 1)
+    c = c0 + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    mean, invstd, w, scale, shift = _load_scale_shift(save_stats_ptr, weight_ptr, bias_ptr, 0, c,
+                                                      c_mask, C)
+    mean = _per_channel(mean, CHANNELS_LAST)
+    scale = _per_channel(scale, CHANNELS_LAST)
+    shift = _per_channel(shift, CHANNELS_LAST)
+    r_mean = mean  # placeholders unless the residual is BatchNorm'ed
+    r_scale = scale
+    r_shift = shift
+    if RESIDUAL_MODE == 2:
+        r_mean, r_invstd, rw, r_scale, r_shift = _load_scale_shift(
+            save_stats_ptr, residual_weight_ptr, residual_bias_ptr, 1, c, c_mask, C)
+        r_mean = _per_channel(r_mean, CHANNELS_LAST)
+        r_scale = _per_channel(r_scale, CHANNELS_LAST)
+        r_shift = _per_channel(r_shift, CHANNELS_LAST)
+    sum_g = _tile_zeros(acc, CHANNELS_LAST, BLOCK_R, BLOCK_C)
+    sum_gx = _tile_zeros(acc, CHANNELS_LAST, BLOCK_R, BLOCK_C)
+    if RESIDUAL_MODE == 2:
+        sum_gr = _tile_zeros(acc, CHANNELS_LAST, BLOCK_R, BLOCK_C)
+    t_start = pid_r * tiles_per_program
+    t_end = tl.minimum(t_start + tiles_per_program, num_row_tiles)
+    for t in range(t_start, t_end):
+        base, offs, mask = _row_tile(t, c0, C, HW, M, row_tiles_per_n, CHANNELS_LAST,
+                                     BLOCK_R, BLOCK_C)
+        g = tl.load(grad_out_ptr + base + offs, mask=mask, other=0.0).to(acc)
+        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(acc)
+        r = x  # unused unless the residual is read
+        if LOAD_RESIDUAL:
+            r = tl.load(residual_ptr + base + offs, mask=mask, other=0.0).to(acc)
+        if RELU:
+            pre = _pre_activation(x, r, scale, shift, r_scale, r_shift, RESIDUAL_MODE)
+            g = tl.where(pre > 0.0, g, 0.0)
+        # masked lanes hold g = 0, so they add nothing
+        sum_g += g
+        sum_gx += g * (x - mean)
+        if RESIDUAL_MODE == 2:
+            sum_gr += g * (r - r_mean)
+    out = partials_ptr + pid_r * (NUM_SUMS * C) + c
+    tl.store(out, _channel_sum(sum_g, CHANNELS_LAST), mask=c_mask)
+    tl.store(out + C, _channel_sum(sum_gx, CHANNELS_LAST), mask=c_mask)
+    if RESIDUAL_MODE == 2:
+        tl.store(out + 2 * C, _channel_sum(sum_gr, CHANNELS_LAST), mask=c_mask)
+
+
+@triton.jit
+def _bwd_coeffs(sum_g, sum_gc, mean, invstd, w, m, BATCH_STATS: tl.constexpr):
+    """(k_g, k_x, k_c) of dx = g * k_g + x * k_x + k_c (bn_backward_coeffs)."""
+    k_g = w * invstd
+    if BATCH_STATS:
+        mean_g = sum_g / m
+        mean_gxhat_invstd = sum_gc * invstd * invstd / m
+        k_x = -k_g * mean_gxhat_invstd
+        k_c = -k_g * mean_g + k_g * mean_gxhat_invstd * mean
+    else:
+        k_x = tl.zeros_like(k_g)
+        k_c = tl.zeros_like(k_g)
+    return k_g, k_x, k_c
+
+
+@triton.jit
+def bn_act_bwd_apply_kernel(
+    grad_out_ptr, x_ptr, residual_ptr,             # activations
+    grad_input_ptr, grad_residual_ptr,             # like x (grad_residual when a residual)
+    weight_ptr, bias_ptr, residual_weight_ptr, residual_bias_ptr,   # [C] acc dtype
+    save_stats_ptr,                                # [B, 2, C] forward's (mean, invstd)
+    partials_ptr,                                  # bn_act_bwd_reduce_kernel's
+    grad_weight_ptr, grad_bias_ptr,                # [C]
+    grad_residual_weight_ptr, grad_residual_bias_ptr,   # [C], RESIDUAL_MODE == 2
+    C, HW, M, row_tiles_per_n, num_row_tiles, tiles_per_program, num_partials,
+    CHANNELS_LAST: tl.constexpr, RESIDUAL_MODE: tl.constexpr, BATCH_STATS: tl.constexpr,
+    RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    PARTIAL_CHUNK: tl.constexpr,
+):
+    """grad_input (and grad_residual) from the finalised sums; weight/bias gradients once."""
+    pid_r = tl.program_id(0)
+    c0 = tl.program_id(1) * BLOCK_C
+    acc: tl.constexpr = weight_ptr.dtype.element_ty
+    NUM_SUMS: tl.constexpr = 3 if RESIDUAL_MODE == 2 else 2
+    LOAD_RESIDUAL: tl.constexpr = RESIDUAL_MODE == 2 or (RELU and RESIDUAL_MODE == 1)
+    LOAD_X: tl.constexpr = RELU or BATCH_STATS
+    c = c0 + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    store_mask = c < tl.where(pid_r == 0, C, 0)  # per-channel results: first row of programs
+    m = tl.full([BLOCK_C], M, acc)
+    sum_g = _sum_partials(partials_ptr, 0, c, c_mask, C, num_partials, NUM_SUMS, PARTIAL_CHUNK,
+                          BLOCK_C)
+    sum_gx = _sum_partials(partials_ptr, 1, c, c_mask, C, num_partials, NUM_SUMS, PARTIAL_CHUNK,
+                           BLOCK_C)
+    mean, invstd, w, scale, shift = _load_scale_shift(save_stats_ptr, weight_ptr, bias_ptr, 0, c,
+                                                      c_mask, C)
+    tl.store(grad_weight_ptr + c, sum_gx * invstd, mask=store_mask)
+    tl.store(grad_bias_ptr + c, sum_g, mask=store_mask)
+    k_g, k_x, k_c = _bwd_coeffs(sum_g, sum_gx, mean, invstd, w, m, BATCH_STATS)
+    k_g = _per_channel(k_g, CHANNELS_LAST)
+    k_x = _per_channel(k_x, CHANNELS_LAST)
+    k_c = _per_channel(k_c, CHANNELS_LAST)
+    scale = _per_channel(scale, CHANNELS_LAST)
+    shift = _per_channel(shift, CHANNELS_LAST)
+    r_scale = scale  # placeholders unless the residual is BatchNorm'ed
+    r_shift = shift
+    rk_g = k_g
+    rk_x = k_x
+    rk_c = k_c
+    if RESIDUAL_MODE == 2:
+        sum_gr = _sum_partials(partials_ptr, 2, c, c_mask, C, num_partials, NUM_SUMS,
+                               PARTIAL_CHUNK, BLOCK_C)
+        r_mean, r_invstd, rw, r_scale, r_shift = _load_scale_shift(
+            save_stats_ptr, residual_weight_ptr, residual_bias_ptr, 1, c, c_mask, C)
+        tl.store(grad_residual_weight_ptr + c, sum_gr * r_invstd, mask=store_mask)
+        tl.store(grad_residual_bias_ptr + c, sum_g, mask=store_mask)
+        rk_g, rk_x, rk_c = _bwd_coeffs(sum_g, sum_gr, r_mean, r_invstd, rw, m, BATCH_STATS)
+        rk_g = _per_channel(rk_g, CHANNELS_LAST)
+        rk_x = _per_channel(rk_x, CHANNELS_LAST)
+        rk_c = _per_channel(rk_c, CHANNELS_LAST)
+        r_scale = _per_channel(r_scale, CHANNELS_LAST)
+        r_shift = _per_channel(r_shift, CHANNELS_LAST)
+    t_start = pid_r * tiles_per_program
+    t_end = tl.minimum(t_start + tiles_per_program, num_row_tiles)
+    for t in range(t_start, t_end):
+        base, offs, mask = _row_tile(t, c0, C, HW, M, row_tiles_per_n, CHANNELS_LAST,
+                                     BLOCK_R, BLOCK_C)
+        g = tl.load(grad_out_ptr + base + offs, mask=mask, other=0.0).to(acc)
+        x = g  # unused unless x is read
+        if LOAD_X:
+            x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(acc)
+        r = g  # unused unless the residual is read
+        if LOAD_RESIDUAL:
+            r = tl.load(residual_ptr + base + offs, mask=mask, other=0.0).to(acc)
+        if RELU:
+            pre = _pre_activation(x, r, scale, shift, r_scale, r_shift, RESIDUAL_MODE)
+            g = tl.where(pre > 0.0, g, 0.0)
+        if BATCH_STATS:
+            dx = g * k_g + x * k_x + k_c
+        else:
+            dx = g * k_g
+        tl.store(grad_input_ptr + base + offs, dx.to(grad_input_ptr.dtype.element_ty), mask=mask)
+        if RESIDUAL_MODE == 1:
+            tl.store(grad_residual_ptr + base + offs, g.to(grad_residual_ptr.dtype.element_ty),
+                     mask=mask)
+        elif RESIDUAL_MODE == 2:
+            if BATCH_STATS:
+                dr = g * rk_g + r * rk_x + rk_c
+            else:
+                dr = g * rk_g
+            tl.store(grad_residual_ptr + base + offs, dr.to(grad_residual_ptr.dtype.element_ty),
+                     mask=mask)
+
+
+# --------------------------------------------------------------------------- launch configuration
+
+# Programs a pass aims for: 4 per SM of an H100 (132 SMs), enough to keep every SM streaming.
+_TARGET_PROGRAMS = 4 * 132
+# Tile side under the interpreter: small, so that tiny shapes cross tile edges and need
+# several row programs (the tests change it to cover other block sizes).
+INTERPRETER_BLOCK = 16
+
+
+@dataclass(frozen=True)
+class BnActConfig:
+    """Tiling and grid of every kernel of one activation shape (see the module docstring)."""
+
+    channels_last: bool      # tile layout: [BLOCK_R rows, BLOCK_C] or [BLOCK_C, BLOCK_R of HW]
+    block_r: int             # rows (channels_last) or HW positions (NCHW) per tile
+    block_c: int             # channels per tile
+    row_tiles_per_n: int     # NCHW: tiles across one HW plane (1 for channels_last)
+    num_row_tiles: int
+    tiles_per_program: int
+    row_programs: int        # grid axis 0; also the number of partial sums per channel
+    channel_blocks: int      # grid axis 1
+    partial_chunk: int       # partial sums re-reduced per step in the prologues
+    num_warps: int
+
+    @property
+    def grid(self):
+        return (self.row_programs, self.channel_blocks)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _pick_block_hw(HW: int, tile: int) -> int:
+    """NCHW positions per tile: the largest power of two (64 .. 1024, within the tile) that
+    wastes at most 1/16 of its last tile; small planes take one tile each."""
+    if HW <= 64:
+        return _pow2_at_least(HW)
+    best = 64
+    for block in (1024, 512, 256, 128):
+        if block <= tile and (-HW % block) * 16 <= HW:
+            best = block
+            break
+    return best
+
+
+def pick_config(N: int, C: int, H: int, W: int, channels_last: bool, dtype: torch.dtype,
+                interpreter: bool = False) -> BnActConfig:
+    """The tiling and grid the launchers use for an (N, C, H, W) activation of ``dtype``.
+
+    ``channels_last`` is the tensor's layout; NCHW with H*W == 1 is the same memory and is
+    tiled as channels_last. GPU tiles hold 2048 values (1024 in float64) for 8 warps: a thread
+    moves one or two 16-byte vectors per tensor and tile along the contiguous axis, and the
+    heaviest kernel (backward with a BatchNorm'ed residual) needs at most 128 registers, so
+    several programs share an SM. The rows are split into about
+    _TARGET_PROGRAMS / channel_blocks runs, but at most sqrt(M / 32) of them: every program of
+    an apply pass re-reduces the partial sums of all runs, which stays a few percent of the
+    activation traffic at that bound. Under the interpreter, tiles of INTERPRETER_BLOCK and runs
+    of two tiles exercise the masked edges and the partial sums on tiny shapes.
+    """
+    HW = H * W
+    M = N * HW
+    channels_last = channels_last or HW == 1
+    elem = torch.empty((), dtype=dtype).element_size()
+    if interpreter:
+        block_c = min(_pow2_at_least(C), INTERPRETER_BLOCK)
+        block_r = (INTERPRETER_BLOCK if channels_last
+                   else min(_pow2_at_least(HW), INTERPRETER_BLOCK))
+    else:
+        # Without 16-divisible rows (Triton specialises on that) a thread keeps one 64-bit
+        # address per element instead of one per vector: halve the tile to stay well under
+        # 128 registers.
+        vectorized = (C if channels_last else HW) % 16 == 0
+        tile = (2048 if vectorized else 1024) // (2 if elem == 8 else 1)
+        min_block_c = max(1, 16 // elem)  # channels_last: one 16-byte vector
+        if channels_last:
+            block_c = min(_pow2_at_least(C), 64)
+        else:
+            block_r = _pick_block_hw(HW, tile)
+            block_c = min(_pow2_at_least(C), max(1, tile // block_r))
+        max_runs = max(1, math.isqrt(M // 32))
+        # Narrower channel blocks when the runs alone cannot give enough programs.
+        while (block_c > min_block_c and block_c > 1
+               and triton.cdiv(C, block_c) * max_runs < _TARGET_PROGRAMS):
+            block_c //= 2
+        if channels_last:
+            block_r = max(1, tile // block_c)
+    channel_blocks = triton.cdiv(C, block_c)
+    if channels_last:
+        row_tiles_per_n = 1
+        num_row_tiles = triton.cdiv(M, block_r)
+    else:
+        row_tiles_per_n = triton.cdiv(HW, block_r)
+        num_row_tiles = N * row_tiles_per_n
+    if interpreter:
+        tiles_per_program = min(2, num_row_tiles)
+    else:
+        runs = min(triton.cdiv(_TARGET_PROGRAMS, channel_blocks), max_runs, num_row_tiles)
+        tiles_per_program = triton.cdiv(num_row_tiles, runs)
+    row_programs = triton.cdiv(num_row_tiles, tiles_per_program)
+    if interpreter:
+        partial_chunk = 4
+    else:
+        partial_chunk = min(_pow2_at_least(row_programs), max(1, 2048 // block_c))
+    return BnActConfig(
+        channels_last=channels_last, block_r=block_r, block_c=block_c,
+        row_tiles_per_n=row_tiles_per_n, num_row_tiles=num_row_tiles,
+        tiles_per_program=tiles_per_program, row_programs=row_programs,
+        channel_blocks=channel_blocks, partial_chunk=partial_chunk,
+        num_warps=1 if interpreter else 8,
+    )
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _launch(kernel, grid, num_warps, *args, **constexprs):
+    kernel[grid](*args, **constexprs, num_warps=num_warps)
+
+
+def _config_of(x: Tensor) -> BnActConfig:
+    N, C, H, W = x.shape
+    channels_last = not x.is_contiguous()  # dense: NCHW-contiguous or channels_last
+    interpreter = x.device.type == "cpu"
+    return _cached_config(N, C, H, W, channels_last, x.dtype, interpreter,
+                          INTERPRETER_BLOCK if interpreter else 0)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_config(N, C, H, W, channels_last, dtype, interpreter, _interpreter_block):
+    """pick_config, memoised per shape (it runs on every call, on the host); the interpreter's
+    tile side is part of the key because tests change it."""
+    return pick_config(N, C, H, W, channels_last, dtype, interpreter=interpreter)
+
+
+def _geometry(x: Tensor, cfg: BnActConfig):
+    """(C, HW, M, row_tiles_per_n, num_row_tiles, tiles_per_program) kernel arguments."""
+    N, C, H, W = x.shape
+    return (C, H * W, N * H * W, cfg.row_tiles_per_n, cfg.num_row_tiles, cfg.tiles_per_program)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _residual_mode(residual: Optional[Tensor], residual_bn: bool) -> int:
+    if residual is None:
+        return NO_RESIDUAL
+    return BN_RESIDUAL if residual_bn else ADD_RESIDUAL
+
+
+def launch_fwd_stats(x: Tensor, residual: Optional[Tensor], residual_bn: bool,
+                     cfg: BnActConfig) -> Tensor:
+    """Partial pivot-shifted sums [row programs, 2 or 4, C] of x (and the residual)."""
+    num_sums = 4 if residual_bn else 2
+    partials = torch.empty((cfg.row_programs, num_sums, x.shape[1]),
+                           dtype=_acc_dtype(x.dtype), device=x.device)
+    _launch(bn_act_fwd_stats_kernel, cfg.grid, cfg.num_warps,
+            x, residual if residual_bn else x, partials, *_geometry(x, cfg),
+            CHANNELS_LAST=cfg.channels_last, RESIDUAL_BN=residual_bn,
+            BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c)
+    return partials
+
+
+def launch_fwd_apply(x, weight, bias, running_mean, running_var, residual, residual_weight,
+                     residual_bias, residual_running_mean, residual_running_var, residual_bn,
+                     training, momentum, eps, relu, partials, cfg: BnActConfig):
+    """(out, save_stats, new_running): normalise (+ residual) (+ ReLU)."""
+    acc = _acc_dtype(x.dtype)
+    C = x.shape[1]
+    branches = 2 if residual_bn else 1
+    track = training and running_mean is not None
+    out = torch.empty_like(x)
+    save_stats = torch.empty((branches, 2, C), dtype=acc, device=x.device)
+    new_running = (torch.empty((branches, 2, C), dtype=acc, device=x.device) if track
+                   else x.new_empty(0, dtype=acc))
+    # Pointers a configuration never reads are given as some valid tensor of the right dtype.
+    running_mean = weight if running_mean is None else running_mean
+    running_var = weight if running_var is None else running_var
+    r_bn = residual_bn
+    _launch(bn_act_fwd_apply_kernel, cfg.grid, cfg.num_warps,
+            x, x if residual is None else residual, out, weight, bias,
+            running_mean, running_var,
+            residual_weight if r_bn else weight, residual_bias if r_bn else bias,
+            residual_running_mean if r_bn and residual_running_mean is not None else running_mean,
+            residual_running_var if r_bn and residual_running_var is not None else running_var,
+            weight if partials is None else partials, save_stats,
+            new_running if track else save_stats,
+            *_geometry(x, cfg), 0 if partials is None else partials.shape[0],
+            float(eps), float(momentum),
+            CHANNELS_LAST=cfg.channels_last, RESIDUAL_MODE=_residual_mode(residual, residual_bn),
+            TRAINING=training, TRACK_RUNNING=track, RELU=relu,
+            BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, PARTIAL_CHUNK=cfg.partial_chunk)
+    return out, save_stats, new_running
+
+
+def launch_bwd_reduce(grad_out, x, weight, bias, residual, residual_weight, residual_bias,
+                      save_stats, residual_bn, relu, cfg: BnActConfig) -> Tensor:
+    """Partial sums [row programs, 2 or 3, C] of g, g*(x - mean)[, g*(r - r_mean)]."""
+    num_sums = 3 if residual_bn else 2
+    partials = torch.empty((cfg.row_programs, num_sums, x.shape[1]),
+                           dtype=_acc_dtype(x.dtype), device=x.device)
+    _launch(bn_act_bwd_reduce_kernel, cfg.grid, cfg.num_warps,
+            grad_out, x, x if residual is None else residual, weight, bias,
+            residual_weight if residual_bn else weight, residual_bias if residual_bn else bias,
+            save_stats, partials, *_geometry(x, cfg),
+            CHANNELS_LAST=cfg.channels_last, RESIDUAL_MODE=_residual_mode(residual, residual_bn),
+            RELU=relu, BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c)
+    return partials
+
+
+def launch_bwd_apply(grad_out, x, weight, bias, residual, residual_weight, residual_bias,
+                     save_stats, residual_bn, training, relu, partials, cfg: BnActConfig):
+    """The six gradients of the interface from the reduce pass's partial sums."""
+    acc = _acc_dtype(x.dtype)
+    C = x.shape[1]
+    grad_input = torch.empty_like(x)
+    grad_residual = torch.empty_like(x) if residual is not None else x.new_empty(0, dtype=acc)
+    grad_weight = torch.empty(C, dtype=acc, device=x.device)
+    grad_bias = torch.empty(C, dtype=acc, device=x.device)
+    if residual_bn:
+        grad_residual_weight = torch.empty(C, dtype=acc, device=x.device)
+        grad_residual_bias = torch.empty(C, dtype=acc, device=x.device)
+    else:
+        grad_residual_weight = x.new_empty(0, dtype=acc)
+        grad_residual_bias = x.new_empty(0, dtype=acc)
+    _launch(bn_act_bwd_apply_kernel, cfg.grid, cfg.num_warps,
+            grad_out, x, x if residual is None else residual,
+            grad_input, grad_input if residual is None else grad_residual,
+            weight, bias,
+            residual_weight if residual_bn else weight, residual_bias if residual_bn else bias,
+            save_stats, partials, grad_weight, grad_bias,
+            grad_residual_weight if residual_bn else grad_weight,
+            grad_residual_bias if residual_bn else grad_bias,
+            *_geometry(x, cfg), partials.shape[0],
+            CHANNELS_LAST=cfg.channels_last, RESIDUAL_MODE=_residual_mode(residual, residual_bn),
+            BATCH_STATS=training, RELU=relu,
+            BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, PARTIAL_CHUNK=cfg.partial_chunk)
+    return (grad_input, grad_weight, grad_bias, grad_residual, grad_residual_weight,
+            grad_residual_bias)
+
+
+# --------------------------------------------------------------------------- backend interface
+
+
+def _on_device_of(x: Tensor):
+    """Triton launches on the current CUDA device: make it x's (entering a device context only
+    when it differs, as the context costs more host time than a small kernel's launch)."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
+def forward(x, weight, bias, running_mean, running_var, residual, residual_weight, residual_bias,
+            residual_running_mean, residual_running_var, residual_bn, training, momentum, eps,
+            relu):
+    """(out, save_stats, new_running) of act(batch_norm(x) + r_term); see the module docstring."""
+    cfg = _config_of(x)
+    with _on_device_of(x):
+        partials = launch_fwd_stats(x, residual, residual_bn, cfg) if training else None
+        return launch_fwd_apply(x, weight, bias, running_mean, running_var, residual,
+                                residual_weight, residual_bias, residual_running_mean,
+                                residual_running_var, residual_bn, training, momentum, eps, relu,
+                                partials, cfg)
+
+
+def backward(grad_out, x, weight, bias, residual, residual_weight, residual_bias, save_stats,
+             residual_bn, training, relu):
+    """(grad_input, grad_weight, grad_bias, grad_residual, grad_residual_weight,
+    grad_residual_bias) of forward, with its saved statistics."""
+    cfg = _config_of(x)
+    with _on_device_of(x):
+        partials = launch_bwd_reduce(grad_out, x, weight, bias, residual, residual_weight,
+                                     residual_bias, save_stats, residual_bn, relu, cfg)
+        return launch_bwd_apply(grad_out, x, weight, bias, residual, residual_weight,
+                                residual_bias, save_stats, residual_bn, training, relu, partials,
+                                cfg)

@@ -1,0 +1,418 @@
+"""The Triton kernels of resnet_fast::bn_act (resnet_fast/triton/bn_act.py).
+
+1. ``forward`` / ``backward`` against a float64 eager reference (F.batch_norm + add + relu,
+   gradients from torch.autograd.grad) on tiny shapes with odd sizes, both layouts, every
+   residual mode, ReLU on and off, training and eval. They run on CUDA tensors where a GPU is
+   present, else on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, which
+   tests/conftest.py sets when torch has no CUDA), and are skipped otherwise.
+   Tolerance policy: a result's max error against the float64 reference may be at most twice
+   that of eager PyTorch in the same dtype, plus a small absolute floor per dtype.
+2. Numerics: a channel with mean 1e4 and std 1 keeps its variance in float32; a constant
+   channel gives variance 0 and a finite output.
+3. Ahead-of-time compilation for sm_80 and sm_90 of every kernel, at the configurations
+   ``pick_config`` gives ResNet-50's BatchNorm shapes at batch 256: no spills, at most 255
+   registers, shared memory within the device. No GPU needed.
+"""
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton", reason="Triton is not installed")
+
+from resnet_fast.triton import bn_act  # noqa: E402  (after the Triton check)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = torch.device("cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda")
+needs_kernels = pytest.mark.skipif(
+    not (INTERPRETED or torch.cuda.is_available()),
+    reason="Triton kernels need a GPU, or TRITON_INTERPRET=1 set before Triton is imported",
+)
+
+EPS = 1e-5
+MOMENTUM = 0.1
+# Absolute floor of the tolerance, per dtype of the activations.
+FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+# Per-channel statistics (acc dtype) have no eager counterpart: relative + absolute tolerance.
+STATS_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
+RESIDUAL_MODES = ("none", "add", "bn")
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def make_case(shape, dtype, channels_last, residual, seed=0):
+    """Activation, residual, grad_out (dtype) and per-channel tensors (acc dtype), on DEVICE."""
+    g = torch.Generator().manual_seed(seed)
+    N, C, H, W = shape
+    acc = _acc(dtype)
+
+    def act(scale, shift):
+        t = (torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift).to(dtype)
+        t = t.to(DEVICE)
+        return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+    def per_channel(lo, hi):
+        return (torch.rand(C, generator=g, dtype=torch.float64) * (hi - lo) + lo).to(acc).to(DEVICE)
+
+    case = {
+        "x": act(2.0, 0.5),
+        "residual": act(1.0, 0.0) if residual != "none" else None,
+        "grad_out": act(1.0, 0.0),
+        "weight": per_channel(0.5, 1.5), "bias": per_channel(-0.5, 0.5),
+        "running_mean": per_channel(-1.0, 1.0), "running_var": per_channel(0.5, 2.0),
+        "residual_weight": per_channel(0.5, 1.5), "residual_bias": per_channel(-0.5, 0.5),
+        "residual_running_mean": per_channel(-1.0, 1.0),
+        "residual_running_var": per_channel(0.5, 2.0),
+    }
+    return case
+
+
+def eager(case, residual, training, relu, dtype):
+    """Eager PyTorch in ``dtype`` (per-channel tensors in its acc dtype, float64 for the
+    reference): (out, stats per branch, new running per branch, gradients by name)."""
+    acc = _acc(dtype)
+    names = ["x", "weight", "bias"] + {
+        "none": [], "add": ["residual"], "bn": ["residual", "residual_weight", "residual_bias"],
+    }[residual]
+    leaves = {k: case[k].detach().to(dtype if k in ("x", "residual") else acc).requires_grad_()
+              for k in names}
+    branches = [("x", "weight", "bias", "running_mean", "running_var")]
+    if residual == "bn":
+        branches.append(("residual", "residual_weight", "residual_bias",
+                         "residual_running_mean", "residual_running_var"))
+    y, stats, running = None, [], []
+    for inp, w, b, rm, rv in branches:
+        run_mean, run_var = case[rm].to(acc).clone(), case[rv].to(acc).clone()
+        t = F.batch_norm(leaves[inp], run_mean, run_var, leaves[w], leaves[b], training,
+                         MOMENTUM, EPS)
+        y = t if y is None else y + t
+        data = case[inp].to(torch.float64)
+        if training:
+            mean = data.mean((0, 2, 3))
+            var = data.var((0, 2, 3), unbiased=False)
+        else:
+            mean, var = case[rm].double(), case[rv].double()
+        stats.append(torch.stack([mean, (var + EPS).rsqrt()]))
+        running.append(torch.stack([run_mean, run_var]))
+    if residual == "add":
+        y = y + leaves["residual"]
+    if relu:
+        y = F.relu(y)
+    go = case["grad_out"].to(dtype)
+    grads = dict(zip(leaves, torch.autograd.grad(y, list(leaves.values()), go)))
+    return y.detach(), torch.stack(stats), torch.stack(running), grads
+
+
+def run_triton(case, residual, training, relu):
+    bn = residual == "bn"
+    r = case["residual"]
+    out, save_stats, new_running = bn_act.forward(
+        case["x"], case["weight"], case["bias"], case["running_mean"], case["running_var"], r,
+        case["residual_weight"], case["residual_bias"], case["residual_running_mean"],
+        case["residual_running_var"], bn, training, MOMENTUM, EPS, relu)
+    grads = bn_act.backward(case["grad_out"], case["x"], case["weight"], case["bias"], r,
+                            case["residual_weight"], case["residual_bias"], save_stats, bn,
+                            training, relu)
+    names = ("x", "weight", "bias", "residual", "residual_weight", "residual_bias")
+    return out, save_stats, new_running, dict(zip(names, grads))
+
+
+def assert_within_policy(name, ours, same_dtype_eager, reference, dtype):
+    """max |ours - reference| <= 2 * max |eager - reference| + FLOOR[dtype]."""
+    ours, ref = ours.double().cpu(), reference.double().cpu()
+    eager_err = (same_dtype_eager.double().cpu() - ref).abs().max().item()
+    diff = (ours - ref).abs()
+    err = diff.max().item()
+    bound = 2 * eager_err + FLOOR[dtype]
+    if not err <= bound:
+        worst = diff.flatten().argmax().item()
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), diff.shape))
+        pytest.fail(f"{name}: max error {err:.3g} > bound {bound:.3g} (eager {eager_err:.3g}); "
+                    f"worst at {idx}: ours {ours[idx].item():.8g}, reference {ref[idx].item():.8g}")
+
+
+def check_against_reference(shape, dtype, channels_last, residual, training, relu):
+    case = make_case(shape, dtype, channels_last, residual)
+    out, save_stats, new_running, grads = run_triton(case, residual, training, relu)
+    ref_out, ref_stats, ref_running, ref_grads = eager(case, residual, training, relu,
+                                                       torch.float64)
+    e_out, _, e_running, e_grads = eager(case, residual, training, relu, dtype)
+    branches = 2 if residual == "bn" else 1
+    acc = _acc(dtype)
+
+    assert out.dtype == dtype and out.shape == case["x"].shape
+    assert out.stride() == case["x"].stride()
+    assert_within_policy("out", out, e_out, ref_out, dtype)
+
+    assert save_stats.shape == (branches, 2, shape[1]) and save_stats.dtype == acc
+    tol = STATS_TOL[dtype]
+    torch.testing.assert_close(save_stats.double().cpu(), ref_stats.cpu(), rtol=tol, atol=tol,
+                               msg=lambda m: f"save_stats: {m}")
+    if training:
+        assert new_running.shape == (branches, 2, shape[1]) and new_running.dtype == acc
+        assert_within_policy("new_running", new_running, e_running, ref_running, dtype)
+    else:
+        assert new_running.numel() == 0 and new_running.dtype == acc
+
+    for name, ref in ref_grads.items():
+        ours = grads[name]
+        assert ours.shape == ref.shape, name
+        if name in ("x", "residual"):
+            assert ours.dtype == dtype and ours.stride() == case["x"].stride(), name
+        assert_within_policy(f"grad_{name}", ours, e_grads[name], ref, dtype)
+    for name in ("residual", "residual_weight", "residual_bias"):
+        if name not in ref_grads:
+            assert grads[name].numel() == 0 and grads[name].dtype == acc, name
+    returned = [out, save_stats, new_running, *grads.values()]
+    assert len({id(t) for t in returned}) == len(returned)
+    storages = [t.untyped_storage().data_ptr() for t in returned if t.numel()]
+    assert len(set(storages)) == len(storages)
+
+
+LAYOUTS = pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+
+
+@needs_kernels
+@LAYOUTS
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "identity"])
+@pytest.mark.parametrize("residual", RESIDUAL_MODES)
+def test_float32_modes(channels_last, training, relu, residual):
+    # M = 24 and HW = 12: neither a multiple of the interpreter's 16-wide tiles.
+    check_against_reference((2, 7, 4, 3), torch.float32, channels_last, residual, training, relu)
+
+
+@needs_kernels
+@LAYOUTS
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("residual", RESIDUAL_MODES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=["bf16", "fp64"])
+def test_dtypes(channels_last, training, residual, dtype):
+    check_against_reference((2, 5, 3, 7), dtype, channels_last, residual, training, True)
+
+
+@needs_kernels
+@LAYOUTS
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_float16(channels_last, training):
+    check_against_reference((2, 5, 3, 7), torch.float16, channels_last, "bn", training, True)
+
+
+@needs_kernels
+@LAYOUTS
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(2, 3, 3, 5), (3, 5, 1, 1), (2, 3, 5, 7), (1, 1, 6, 6),
+                                   (4, 33, 3, 3)], ids=str)
+def test_odd_shapes(channels_last, training, shape):
+    check_against_reference(shape, torch.float32, channels_last, "bn", training, True)
+
+
+@needs_kernels
+@pytest.mark.skipif(not INTERPRETED, reason="block sizes are the GPU's own outside the interpreter")
+@LAYOUTS
+def test_32_wide_interpreter_blocks(monkeypatch, channels_last):
+    # C = 33 against 32-wide channel blocks leaves a last block of one channel (test_odd_shapes
+    # runs it with the default 16-wide ones).
+    monkeypatch.setattr(bn_act, "INTERPRETER_BLOCK", 32)
+    check_against_reference((4, 33, 3, 3), torch.float32, channels_last, "bn", True, True)
+
+
+@needs_kernels
+@LAYOUTS
+def test_large_mean_and_constant_channel(channels_last):
+    """Variance of a channel with mean 1e4 and std 1 to < 1e-3 relative error in float32, and
+    a constant channel: variance 0, invstd 1/sqrt(eps), finite output and gradients."""
+    g = torch.Generator().manual_seed(1)
+    shape = (4, 2, 8, 8)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    x[:, 0] += 1e4
+    x[:, 1] = 3.0
+    x32 = x.float().to(DEVICE)
+    if channels_last:
+        x32 = x32.contiguous(memory_format=torch.channels_last)
+    ones, zeros = torch.ones(2, device=DEVICE), torch.zeros(2, device=DEVICE)
+    out, save_stats, new_running = bn_act.forward(
+        x32, ones, zeros, zeros.clone(), ones.clone(), None, None, None, None, None, False,
+        True, MOMENTUM, EPS, True)
+    exact = x32.double().cpu()
+    var_exact = exact.var((0, 2, 3), unbiased=False)
+    invstd = save_stats[0, 1].double().cpu()
+    var = 1.0 / invstd**2 - EPS
+    assert abs(var[0] / var_exact[0] - 1) < 1e-3, (var[0].item(), var_exact[0].item())
+    assert abs(save_stats[0, 0, 0].double().cpu() - exact[:, 0].mean()) < 1e-2
+    m = exact[:, 0].numel()
+    running_var = new_running[0, 1].double().cpu()
+    expected = (1 - MOMENTUM) + MOMENTUM * var_exact[0] * m / (m - 1)
+    assert abs(running_var[0] / expected - 1) < 1e-3
+    assert invstd[1].item() == pytest.approx(EPS**-0.5, rel=1e-5)
+    assert torch.isfinite(out).all()
+    grads = bn_act.backward(torch.ones_like(x32), x32, ones, zeros, None, None, None, save_stats,
+                            False, True, True)
+    assert all(torch.isfinite(t).all() for t in grads)
+
+
+# --------------------------------------------------------------------------- ahead of time
+
+# ResNet-50's BatchNorm inputs at batch 256: (C, H = W) of the stem, every bn1/bn2/bn3 and the
+# downsample branches.
+RESNET50_BN = [(64, 112), (64, 56), (128, 56), (256, 56), (128, 28), (512, 28), (256, 28),
+               (256, 14), (1024, 14), (512, 14), (512, 7), (2048, 7)]
+# Compiling takes about 0.7 s per kernel and arch: by default the three shapes that span the
+# tilings (wide planes, the widest 16-divisible layer, 7x7 planes) and the training launches
+# (each kernel once, in its variant with the most live values); RESNET_FAST_AOT_ALL=1 compiles
+# every shape above, eval launches included (about 4 minutes on 2 cores).
+AOT_ALL = os.environ.get("RESNET_FAST_AOT_ALL") == "1"
+AOT_SHAPES = RESNET50_BN if AOT_ALL else [(64, 112), (256, 56), (2048, 7)]
+AOT_TRAINING = (True, False) if AOT_ALL else (True,)
+ARCHS = (80, 90)
+ARCH_SHARED_LIMIT = {80: 164 * 1024, 90: 228 * 1024}
+TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+              torch.float64: "fp64"}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _launches(shape, channels_last, dtype):
+    """(kernel, num_warps, arguments, constexprs) of each launch forward + backward make on
+    meta tensors, recorded instead of run: with a BatchNorm'ed residual and ReLU (the variants
+    with the most live values), in training (and eval) as AOT_TRAINING says."""
+    calls = []
+    bn_act._launch = lambda kernel, grid, num_warps, *args, **constexprs: calls.append(
+        (kernel, num_warps, args, constexprs))
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    acc = _acc(dtype)
+    pc = [torch.empty(shape[1], dtype=acc, device="meta") for _ in range(8)]
+    for training in AOT_TRAINING:
+        _, save_stats, _ = bn_act.forward(x, pc[0], pc[1], pc[2], pc[3], torch.empty_like(x),
+                                          pc[4], pc[5], pc[6], pc[7], True, training, MOMENTUM,
+                                          EPS, True)
+        bn_act.backward(torch.empty_like(x), x, pc[0], pc[1], torch.empty_like(x), pc[4], pc[5],
+                        save_stats, True, training, True)
+    return calls
+
+
+def _compile_spec(kernel, args, constexprs):
+    """(signature, constexprs, attrs) as Triton's launcher specialises them: integers equal to
+    1 become constants, pointers and integers divisible by 16 carry tt.divisibility."""
+    signature, consts, attrs = {}, {}, {}
+    values = list(args) + [constexprs[n] for n in kernel.arg_names[len(args):]]
+    for i, (name, value) in enumerate(zip(kernel.arg_names, values)):
+        if name in constexprs or (type(value) is int and value == 1):
+            signature[name], consts[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + TYPE_NAMES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp64"  # annotated tl.float64 in the kernels
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, consts, attrs
+
+
+def _cuobjdump():
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(bundled) if bundled.is_file() else shutil.which("cuobjdump")
+
+
+def _resource_usage(cubin):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
+    assert usage, text
+    return dict(zip(("REG", "STACK", "SHARED", "LOCAL"), map(int, usage.groups())))
+
+
+def aot_report(arch):
+    """Resource usage of every distinct kernel specialisation launched at AOT_SHAPES
+    (both layouts, bf16 and fp32), compiled for sm_<arch>. Needs real JITFunctions, so it runs
+    in a process without TRITON_INTERPRET (see the aot_reports fixture)."""
+    from triton.backends.compiler import GPUTarget
+
+    specs = {}
+    for c, hw in AOT_SHAPES:
+        for channels_last in (False, True):
+            for dtype in (torch.bfloat16, torch.float32):
+                for kernel, num_warps, args, constexprs in _launches((256, c, hw, hw),
+                                                                     channels_last, dtype):
+                    signature, consts, attrs = _compile_spec(kernel, args, constexprs)
+                    key = repr((kernel.__name__, num_warps, signature, consts, attrs))
+                    specs.setdefault(key, (kernel, num_warps, signature, consts, attrs))
+    report = []
+    for kernel, num_warps, signature, consts, attrs in specs.values():
+        compiled = triton.compile(
+            triton.compiler.ASTSource(kernel, signature, constexprs=consts, attrs=attrs),
+            target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+        usage = _resource_usage(compiled.asm["cubin"])
+        usage["shared_metadata"] = compiled.metadata.shared
+        report.append({"kernel": kernel.__name__, "num_warps": num_warps,
+                       "x": signature["x_ptr"], "constexprs": consts, **usage})
+    return report
+
+
+@pytest.fixture(scope="module")
+def aot_reports():
+    """{arch: aot_report(arch)}, each computed by this file run as a script, both at once."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    procs = {arch: subprocess.Popen([sys.executable, __file__, str(arch)], cwd=ROOT, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for arch in ARCHS}
+    reports = {}
+    for arch, proc in procs.items():
+        out, err = proc.communicate()
+        assert proc.returncode == 0, f"sm_{arch} compile process failed:\n{err[-4000:]}"
+        reports[arch] = json.loads(out.strip().splitlines()[-1])
+    return reports
+
+
+@pytest.mark.skipif(_cuobjdump() is None, reason="cuobjdump not found (Triton bundles it)")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_aot_compile_resnet50_configs(aot_reports, arch):
+    failures = []
+    for r in aot_reports[arch]:
+        shared = max(r["SHARED"], r["shared_metadata"])
+        print(f"sm_{arch} {r['kernel']} x={r['x']} num_warps={r['num_warps']} "
+              f"{r['constexprs']}: REG {r['REG']} LOCAL {r['LOCAL']} STACK {r['STACK']} "
+              f"shared {shared}")
+        if r["LOCAL"] or r["STACK"] or r["REG"] > 255 or shared > ARCH_SHARED_LIMIT[arch]:
+            failures.append(repr(r))
+    assert not failures, "\n".join(failures)
+
+
+def test_pick_config_fills_an_h100():
+    """At ResNet-50's shapes a pass has enough programs for 132 SMs, and NCHW planes of
+    16-divisible size (and channels_last rows) are tiled along whole 16-byte vectors."""
+    for c, hw in RESNET50_BN:
+        for channels_last in (False, True):
+            for dtype in (torch.bfloat16, torch.float32):
+                cfg = bn_act.pick_config(256, c, hw, hw, channels_last, dtype)
+                programs = cfg.row_programs * cfg.channel_blocks
+                assert programs >= 2 * 132, (c, hw, channels_last, dtype, cfg)
+                contiguous = cfg.block_c if channels_last else cfg.block_r
+                vector = 16 // torch.empty((), dtype=dtype).element_size()
+                if channels_last or hw * hw % 16 == 0:
+                    assert contiguous % vector == 0, (c, hw, channels_last, dtype, cfg)
+                assert dataclasses.asdict(cfg)["num_warps"] == 8
+
+
+if __name__ == "__main__":
+    # aot_reports runs this file as a script, without TRITON_INTERPRET: print one JSON line.
+    print(json.dumps(aot_report(int(sys.argv[1]))))
