@@ -112,12 +112,27 @@ def available_backends(device: Union[str, torch.device] = "cpu") -> list[str]:
     return [b for b in (*order, *extra) if unavailable_reason(b, device) is None]
 
 
+# Successful resolutions per (asked, environment, device type, interpreter): resolving runs on
+# every call of a fused op, on the host.
+_RESOLVED: dict[tuple, str] = {}
+
+
 def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     """The backend to run: ``backend`` if given, else ``$RESNET_FAST_BACKEND``, else the default.
 
     Raises ``ValueError`` for an unknown name and ``RuntimeError`` (with the reason) for a
     backend that cannot run on ``device``.
     """
+    if torch.compiler.is_compiling():
+        return _resolve(backend, device)
+    key = (backend, os.environ.get(ENV_VAR), device.type, _triton_interpreted())
+    name = _RESOLVED.get(key)
+    if name is None:
+        name = _RESOLVED[key] = _resolve(backend, device)
+    return name
+
+
+def _resolve(backend: Optional[str], device: torch.device) -> str:
     if backend is None:
         backend = os.environ.get(ENV_VAR) or None
         source = f"{ENV_VAR}={backend!r}"

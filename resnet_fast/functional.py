@@ -173,9 +173,8 @@ def _fused(
     )
     if training and bn.running_mean is not None:
         with torch.no_grad():
-            for i, branch in enumerate(branches):
-                branch.running_mean.copy_(new_running[i, 0])
-                branch.running_var.copy_(new_running[i, 1])
+            stats = [t for b in branches for t in (b.running_mean, b.running_var)]
+            torch._foreach_copy_(stats, list(new_running.flatten(0, 1).unbind(0)))
     return out
 
 
