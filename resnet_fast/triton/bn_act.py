@@ -406,6 +406,22 @@ def _bwd_coeffs(sum_g, sum_gc, mean, invstd, w, m, BATCH_STATS: tl.constexpr):
 
 
 @triton.jit
+def _branch_backward_constants(save_stats_ptr, weight_ptr, bias_ptr, grad_weight_ptr,
+                               grad_bias_ptr, branch, sum_g, sum_gc, m, c, c_mask, store_mask, C,
+                               CHANNELS_LAST: tl.constexpr, BATCH_STATS: tl.constexpr):
+    """One BatchNorm branch's per-channel backward constants, laid out for the tile:
+    (k_g, k_x, k_c, scale, shift); its weight and bias gradients are stored where store_mask."""
+    mean, invstd, w, scale, shift = _load_scale_shift(save_stats_ptr, weight_ptr, bias_ptr,
+                                                      branch, c, c_mask, C)
+    tl.store(grad_weight_ptr + c, sum_gc * invstd, mask=store_mask)
+    tl.store(grad_bias_ptr + c, sum_g, mask=store_mask)
+    k_g, k_x, k_c = _bwd_coeffs(sum_g, sum_gc, mean, invstd, w, m, BATCH_STATS)
+    return (_per_channel(k_g, CHANNELS_LAST), _per_channel(k_x, CHANNELS_LAST),
+            _per_channel(k_c, CHANNELS_LAST), _per_channel(scale, CHANNELS_LAST),
+            _per_channel(shift, CHANNELS_LAST))
+
+
+@triton.jit
 def bn_act_bwd_apply_kernel(
     grad_out_ptr, x_ptr, residual_ptr,             # activations
     grad_input_ptr, grad_residual_ptr,             # like x (grad_residual when a residual)
@@ -434,16 +450,9 @@ def bn_act_bwd_apply_kernel(
                           BLOCK_C)
     sum_gx = _sum_partials(partials_ptr, 1, c, c_mask, C, num_partials, NUM_SUMS, PARTIAL_CHUNK,
                            BLOCK_C)
-    mean, invstd, w, scale, shift = _load_scale_shift(save_stats_ptr, weight_ptr, bias_ptr, 0, c,
-                                                      c_mask, C)
-    tl.store(grad_weight_ptr + c, sum_gx * invstd, mask=store_mask)
-    tl.store(grad_bias_ptr + c, sum_g, mask=store_mask)
-    k_g, k_x, k_c = _bwd_coeffs(sum_g, sum_gx, mean, invstd, w, m, BATCH_STATS)
-    k_g = _per_channel(k_g, CHANNELS_LAST)
-    k_x = _per_channel(k_x, CHANNELS_LAST)
-    k_c = _per_channel(k_c, CHANNELS_LAST)
-    scale = _per_channel(scale, CHANNELS_LAST)
-    shift = _per_channel(shift, CHANNELS_LAST)
+    k_g, k_x, k_c, scale, shift = _branch_backward_constants(
+        save_stats_ptr, weight_ptr, bias_ptr, grad_weight_ptr, grad_bias_ptr, 0, sum_g, sum_gx,
+        m, c, c_mask, store_mask, C, CHANNELS_LAST, BATCH_STATS)
     r_scale = scale  # placeholders unless the residual is BatchNorm'ed
     r_shift = shift
     rk_g = k_g
@@ -452,16 +461,10 @@ def bn_act_bwd_apply_kernel(
     if RESIDUAL_MODE == 2:
         sum_gr = _sum_partials(partials_ptr, 2, c, c_mask, C, num_partials, NUM_SUMS,
                                PARTIAL_CHUNK, BLOCK_C)
-        r_mean, r_invstd, rw, r_scale, r_shift = _load_scale_shift(
-            save_stats_ptr, residual_weight_ptr, residual_bias_ptr, 1, c, c_mask, C)
-        tl.store(grad_residual_weight_ptr + c, sum_gr * r_invstd, mask=store_mask)
-        tl.store(grad_residual_bias_ptr + c, sum_g, mask=store_mask)
-        rk_g, rk_x, rk_c = _bwd_coeffs(sum_g, sum_gr, r_mean, r_invstd, rw, m, BATCH_STATS)
-        rk_g = _per_channel(rk_g, CHANNELS_LAST)
-        rk_x = _per_channel(rk_x, CHANNELS_LAST)
-        rk_c = _per_channel(rk_c, CHANNELS_LAST)
-        r_scale = _per_channel(r_scale, CHANNELS_LAST)
-        r_shift = _per_channel(r_shift, CHANNELS_LAST)
+        rk_g, rk_x, rk_c, r_scale, r_shift = _branch_backward_constants(
+            save_stats_ptr, residual_weight_ptr, residual_bias_ptr, grad_residual_weight_ptr,
+            grad_residual_bias_ptr, 1, sum_g, sum_gr, m, c, c_mask, store_mask, C,
+            CHANNELS_LAST, BATCH_STATS)
     t_start = pid_r * tiles_per_program
     t_end = tl.minimum(t_start + tiles_per_program, num_row_tiles)
     for t in range(t_start, t_end):
