@@ -142,13 +142,15 @@ def _fused(
             kwargs["residual_num_batches_tracked"] = residual_bn.num_batches_tracked
         return getattr(reference, api)(*args, training, momentum, eps, **kwargs)
 
-    factors = [_momentum_factor(momentum, training, b.running_mean, b.num_batches_tracked)
-               for b in branches]
-    if len(set(factors)) > 1:
+    counts = [b.num_batches_tracked for b in branches]
+    if (momentum is None and training and len(counts) == 2 and None not in counts
+            and not torch.equal(counts[0], counts[1])):
         raise ValueError(
             "momentum=None needs num_batches_tracked and residual_num_batches_tracked to be equal "
             "(the two BatchNorms of a block end are updated together)"
         )
+    factors = [_momentum_factor(momentum, training, b.running_mean, b.num_batches_tracked)
+               for b in branches]
     rb = residual_bn if residual_bn is not None else _BatchNormArgs(None, None, None, None, None)
     # Eval with running statistics normalises with them; otherwise batch statistics are used,
     # and the running statistics (when given) are updated.

@@ -68,8 +68,18 @@ def _prepare(x: Tensor, *tensors: Optional[Tensor]) -> tuple[Tensor, ...]:
     return tuple(None if t is None else t.contiguous(memory_format=fmt) for t in (x, *tensors))
 
 
-def _n_branches(residual_bn: bool) -> int:
-    return 2 if residual_bn else 1
+def _affine_params(x, acc, weight, bias, residual_weight, residual_bias, residual_bn):
+    """(w, b, rw, rb) as the backends take them: in ``acc``, contiguous, ``None`` weight/bias
+    materialised as ones/zeros; the residual's pair is ``None`` unless ``residual_bn``."""
+    C = x.shape[1]
+
+    def param(t, fill):
+        return _per_channel(t, acc) if t is not None else x.new_full((C,), fill, dtype=acc)
+
+    if not residual_bn:
+        return param(weight, 1.0), param(bias, 0.0), None, None
+    return (param(weight, 1.0), param(bias, 0.0), param(residual_weight, 1.0),
+            param(residual_bias, 0.0))
 
 
 def _bn_act_forward(
@@ -91,15 +101,9 @@ def _bn_act_forward(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     acc = acc_dtype_of(input.dtype)
-    C = input.shape[1]
     x, r = _prepare(input, residual)
-    w = _per_channel(weight, acc) if weight is not None else x.new_ones(C, dtype=acc)
-    b = _per_channel(bias, acc) if bias is not None else x.new_zeros(C, dtype=acc)
-    if residual_bn:
-        rw = _per_channel(residual_weight, acc) if residual_weight is not None else w.new_ones(C)
-        rb = _per_channel(residual_bias, acc) if residual_bias is not None else w.new_zeros(C)
-    else:
-        rw = rb = None
+    w, b, rw, rb = _affine_params(x, acc, weight, bias, residual_weight, residual_bias,
+                                  residual_bn)
     return _backend_kernels(backend)[0](
         x, w, b, _per_channel(running_mean, acc), _per_channel(running_var, acc),
         r, rw, rb, _per_channel(residual_running_mean, acc),
@@ -119,7 +123,7 @@ def _bn_act_fake(
 ):
     acc = acc_dtype_of(input.dtype)
     C = input.shape[1]
-    B = _n_branches(residual_bn)
+    B = 2 if residual_bn else 1
     out = torch.empty(input.shape, dtype=input.dtype, device=input.device,
                       memory_format=memory_format_of(input))
     save_stats = input.new_empty((B, 2, C), dtype=acc)
@@ -143,15 +147,9 @@ def _bn_act_backward(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     acc = acc_dtype_of(input.dtype)
-    C = input.shape[1]
     x, g, r = _prepare(input, grad_out, residual)
-    w = _per_channel(weight, acc) if weight is not None else x.new_ones(C, dtype=acc)
-    b = _per_channel(bias, acc) if bias is not None else x.new_zeros(C, dtype=acc)
-    if residual_bn:
-        rw = _per_channel(residual_weight, acc) if residual_weight is not None else w.new_ones(C)
-        rb = _per_channel(residual_bias, acc) if residual_bias is not None else w.new_zeros(C)
-    else:
-        rw = rb = None
+    w, b, rw, rb = _affine_params(x, acc, weight, bias, residual_weight, residual_bias,
+                                  residual_bn)
     return _backend_kernels(backend)[1](
         g, x, w, b, r, rw, rb, save_stats.contiguous(), residual_bn, training, relu
     )

@@ -6,7 +6,6 @@ before resnet_fast is imported by any test module.
 
 import os
 
-import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -14,7 +13,3 @@ if not torch.cuda.is_available():
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-
-@pytest.fixture
-def device():
-    return DEVICE

@@ -129,3 +129,16 @@ def test_import_without_extension():
                          check=True).stdout.splitlines()
     assert out[0] == "['reference']" or out[0] == "['reference', 'triton']"
     assert "could not be imported" in out[1] and "pip install -e ." in out[1]
+
+
+def test_dual_cumulative_average_with_unequal_counters_changes_nothing():
+    x = torch.randn(2, C, 3, 3, device=DEVICE)
+    stats = [torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)]
+    rstats = [torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)]
+    count, rcount = torch.tensor(2, device=DEVICE), torch.tensor(3, device=DEVICE)
+    with pytest.raises(ValueError, match="num_batches_tracked and residual_num_batches_tracked"):
+        functional.dual_batch_norm_add_relu(x, x.clone(), *stats, None, None, *rstats, None, None,
+                                            training=True, momentum=None,
+                                            num_batches_tracked=count,
+                                            residual_num_batches_tracked=rcount)
+    assert count.item() == 2 and rcount.item() == 3

@@ -58,6 +58,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from resnet_fast.ops import acc_dtype_of
+
 __all__ = ["BnActConfig", "pick_config", "forward", "backward"]
 
 # RESIDUAL_MODE of the kernels: r_term = 0, r, or r * r_scale + r_shift.
@@ -638,10 +640,6 @@ def _geometry(x: Tensor, cfg: BnActConfig):
     return (C, H * W, N * H * W, cfg.row_tiles_per_n, cfg.num_row_tiles, cfg.tiles_per_program)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _residual_mode(residual: Optional[Tensor], residual_bn: bool) -> int:
     if residual is None:
         return NO_RESIDUAL
@@ -653,7 +651,7 @@ def launch_fwd_stats(x: Tensor, residual: Optional[Tensor], residual_bn: bool,
     """Partial pivot-shifted sums [row programs, 2 or 4, C] of x (and the residual)."""
     num_sums = 4 if residual_bn else 2
     partials = torch.empty((cfg.row_programs, num_sums, x.shape[1]),
-                           dtype=_acc_dtype(x.dtype), device=x.device)
+                           dtype=acc_dtype_of(x.dtype), device=x.device)
     _launch(bn_act_fwd_stats_kernel, cfg.grid, cfg.num_warps,
             x, residual if residual_bn else x, partials, *_geometry(x, cfg),
             CHANNELS_LAST=cfg.channels_last, RESIDUAL_BN=residual_bn,
@@ -665,7 +663,7 @@ def launch_fwd_apply(x, weight, bias, running_mean, running_var, residual, resid
                      residual_bias, residual_running_mean, residual_running_var, residual_bn,
                      training, momentum, eps, relu, partials, cfg: BnActConfig):
     """(out, save_stats, new_running): normalise (+ residual) (+ ReLU)."""
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype_of(x.dtype)
     C = x.shape[1]
     branches = 2 if residual_bn else 1
     track = training and running_mean is not None
@@ -698,7 +696,7 @@ def launch_bwd_reduce(grad_out, x, weight, bias, residual, residual_weight, resi
     """Partial sums [row programs, 2 or 3, C] of g, g*(x - mean)[, g*(r - r_mean)]."""
     num_sums = 3 if residual_bn else 2
     partials = torch.empty((cfg.row_programs, num_sums, x.shape[1]),
-                           dtype=_acc_dtype(x.dtype), device=x.device)
+                           dtype=acc_dtype_of(x.dtype), device=x.device)
     _launch(bn_act_bwd_reduce_kernel, cfg.grid, cfg.num_warps,
             grad_out, x, x if residual is None else residual, weight, bias,
             residual_weight if residual_bn else weight, residual_bias if residual_bn else bias,
@@ -711,7 +709,7 @@ def launch_bwd_reduce(grad_out, x, weight, bias, residual, residual_weight, resi
 def launch_bwd_apply(grad_out, x, weight, bias, residual, residual_weight, residual_bias,
                      save_stats, residual_bn, training, relu, partials, cfg: BnActConfig):
     """The six gradients of the interface from the reduce pass's partial sums."""
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype_of(x.dtype)
     C = x.shape[1]
     grad_input = torch.empty_like(x)
     grad_residual = torch.empty_like(x) if residual is not None else x.new_empty(0, dtype=acc)
