@@ -31,6 +31,25 @@ def _cpu_vector_flags():
     return []
 
 
+def _cutlass_include_dir():
+    """CUTLASS's headers, from the installed nvidia-cutlass package (located without importing
+    it: its __init__ loads CUTLASS's Python generator). The CUDA build needs them
+    (csrc/cuda/conv_bn_act_kernels.cu); a clear error, not a silent CPU-only build, without."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("cutlass_library")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        include = os.path.join(location, "source", "include")
+        if os.path.isfile(os.path.join(include, "cutlass", "cutlass.h")):
+            return include
+    raise RuntimeError(
+        "resnet_fast's CUDA kernels need CUTLASS's headers, which come with the nvidia-cutlass "
+        "package: `pip install nvidia-cutlass==4.2.0.0` (or build CPU-only with "
+        "RESNET_FAST_NO_CUDA=1). No cutlass_library/source/include/cutlass/cutlass.h found"
+        + (f" under {locations}" if locations else " (cutlass_library is not installed)"))
+
+
 def _extensions():
     import torch
     from torch.utils import cpp_extension
@@ -47,6 +66,7 @@ def _extensions():
         return [cpp_extension.CppExtension("resnet_fast._C", sources,
                                            extra_compile_args={"cxx": cxx}, **kwargs)]
     sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*binding*.cpp"))
+    kwargs["include_dirs"].append(_cutlass_include_dir())
     archs = os.environ.get("RESNET_FAST_CUDA_ARCHS", "80;90").split(";")
     nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DRESNET_FAST_WITH_CUDA"]
     nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]

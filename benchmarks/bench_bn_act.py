@@ -24,22 +24,16 @@ Results: a printed table, and CSV + JSON (+ a PNG plot when matplotlib is instal
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import os
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 import resnet_fast
 from resnet_fast import functional, reference
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from _common import RESULTS, fmt_cell, pyplot, run_name, timer, versions, write_csv, write_json
 
 # (channels, spatial size) of ResNet-50's BatchNorm layers for a 224x224 input; the CPU run uses
 # a 64x64 input, where every size is divided by 224/64 = 3.5.
@@ -72,36 +66,6 @@ def passes(op: str, mode: str) -> tuple[int, int, int]:
     if mode == "bwd":
         return bwd
     return tuple(a + b for a, b in zip(fwd_train, bwd))
-
-
-def timer(device: torch.device, warmup: int, reps: int) -> Callable[[Callable], list[float]]:
-    """Returns a function that times a callable: seconds per call, one entry per repetition."""
-    if device.type == "cuda":
-        def run(fn):
-            for _ in range(warmup):
-                fn()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(reps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            return times
-        return run
-
-    def run(fn):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return times
-    return run
 
 
 def make_inputs(shape, dtype, memory_format, device, op):
@@ -165,34 +129,6 @@ def streaming_times(x: torch.Tensor, time_it) -> dict[str, float]:
     if x.device.type == "cuda":
         res["copy"] = statistics.median(time_it(lambda: out.copy_(x)))
     return res
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def versions(device: torch.device) -> dict[str, str]:
-    info = {"torch": torch.__version__, "resnet_fast": resnet_fast.__version__,
-            "python": platform.python_version()}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = "none"
-    if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
-        info["cuda"] = str(torch.version.cuda)
-    else:
-        info["device_name"] = f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    return info
 
 
 def main(argv=None) -> int:
@@ -276,7 +212,7 @@ def main(argv=None) -> int:
                     print_rows(rows[-(len(measured) + 1 + (1 if gpu else 0)):],
                                header=len(rows) <= len(measured) + 2 + gpu)
 
-    write_results(rows, Path(args.out), args.tag or device.type, info)
+    write_results(rows, Path(args.out), run_name(args.tag, device), info)
     return 0
 
 
@@ -284,18 +220,12 @@ COLUMNS = ("layout", "shape", "op", "mode", "provider", "median_ms", "gbps", "vs
            "vs_roofline")
 
 
-def _fmt(v):
-    if isinstance(v, float):
-        return f"{v:.3f}"
-    return "-" if v is None else str(v)
-
-
 def print_rows(rows, header=False):
     widths = (13, 16, 19, 5, 9, 10, 8, 8, 11)
     if header:
         print(" ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)))
     for row in rows:
-        print(" ".join(_fmt(row[c]).ljust(w) for c, w in zip(COLUMNS, widths)), flush=True)
+        print(" ".join(fmt_cell(row[c]).ljust(w) for c, w in zip(COLUMNS, widths)), flush=True)
 
 
 def summarize(rows) -> list[dict]:
@@ -319,13 +249,9 @@ def summarize(rows) -> list[dict]:
 def write_results(rows, out: Path, tag: str, info: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"bn_act_{tag}"
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(stem.with_suffix(".csv"), rows)
     summary = summarize(rows)
-    with open(stem.with_suffix(".json"), "w") as f:
-        json.dump({"versions": info, "summary": summary, "rows": rows}, f, indent=1)
+    write_json(stem.with_suffix(".json"), {"versions": info, "summary": summary, "rows": rows})
     print("\nsummary (geometric mean over shapes of the speed-up vs eager; worst shape; worst "
           "time / roofline)")
     for s in summary:
@@ -337,12 +263,8 @@ def write_results(rows, out: Path, tag: str, info: dict) -> None:
 
 
 def plot(rows, path: Path, info: dict) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     panels = sorted({(r["layout"], r["op"], r["mode"]) for r in rows})
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.2 * len(panels)), squeeze=False)

@@ -29,6 +29,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT_DIR/device.txt"
 
 if want build; then
+  # CUTLASS's headers (the conv kernels) come with the pinned nvidia-cutlass wheel; a machine
+  # without network installs it from $WHEELS_DIR (pip download nvidia-cutlass==4.2.0.0 there).
+  $PY -c "import cutlass_library" 2>/dev/null || \
+    run wheels $PY -m pip install --no-deps --no-index --find-links "${WHEELS_DIR:-wheels}" \
+      nvidia-cutlass==4.2.0.0
   # sm_90 only on Hopper: half the nvcc time of the default 80;90.
   cc=$($PY -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))")
   RESNET_FAST_CUDA_ARCHS=${RESNET_FAST_CUDA_ARCHS:-$cc} MAX_JOBS=${MAX_JOBS:-16} \
@@ -48,5 +53,6 @@ if want sanitize; then
 fi
 if want bench; then
   run bench_bn_act $PY benchmarks/bench_bn_act.py --device cuda --modes train,fwd,bwd,eval --out "$OUT_DIR"
+  run bench_conv_bn_act $PY benchmarks/bench_conv_bn_act.py --device cuda --out "$OUT_DIR"
 fi
 exit $status

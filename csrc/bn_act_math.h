@@ -16,8 +16,10 @@
 //   grad_b = sum(g),  grad_w = sum(g * xhat) = invstd * sum(g * (x - mean)),
 //   batch statistics:  dx = w * invstd * (g - sum(g)/m - xhat * sum(g * xhat)/m)
 //   fixed statistics (eval): dx = w * invstd * g
-// Both are affine in (g, x) per channel: dx = g * k_g + x * k_x + k_c; bn_backward_coeffs()
-// gives k_g, k_x, k_c so one elementwise pass produces dx (and the BN'ed residual's gradient).
+// Both are affine in (g, x - mean) per channel: dx = g * k_g + (x - mean) * k_x + k_c;
+// bn_backward_coeffs() gives k_g, k_x, k_c so one elementwise pass produces dx (and the BN'ed
+// residual's gradient). Centring x before scaling keeps dx accurate when the channel's mean is
+// large against its spread (x * k_x + k_c' would cancel catastrophically).
 #pragma once
 
 #include <cmath>
@@ -46,10 +48,10 @@ RF_HOST_DEVICE double relu_value(double v) { return v > 0.0 ? v : 0.0; }
 RF_HOST_DEVICE float relu_grad(float pre, float dy) { return pre > 0.f ? dy : 0.f; }
 RF_HOST_DEVICE double relu_grad(double pre, double dy) { return pre > 0.0 ? dy : 0.0; }
 
-// dx = g * k_g + x * k_x + k_c (see bn_backward_coeffs).
+// dx = g * k_g + (x - mean) * k_x + k_c (see bn_backward_coeffs).
 template <typename T>
-RF_HOST_DEVICE T bn_input_grad(T g, T x, T k_g, T k_x, T k_c) {
-  return g * k_g + x * k_x + k_c;
+RF_HOST_DEVICE T bn_input_grad(T g, T x, T mean, T k_g, T k_x, T k_c) {
+  return g * k_g + (x - mean) * k_x + k_c;
 }
 
 // ---------------------------------------------------------------- per channel
@@ -97,7 +99,7 @@ RF_HOST_DEVICE A bn_weight_grad(A sum_gc, A invstd) {
   return sum_gc * invstd;
 }
 
-// Coefficients of dx = g * k_g + x * k_x + k_c from the channel's sums
+// Coefficients of dx = g * k_g + (x - mean) * k_x + k_c from the channel's sums
 // sum_g = sum(g), sum_gc = sum(g * (x - mean)). With batch statistics the mean and invstd
 // depend on x, which adds the two centring terms; with fixed statistics only k_g remains.
 template <typename A>
@@ -109,7 +111,7 @@ RF_HOST_DEVICE void bn_backward_coeffs(A m, A sum_g, A sum_gc, A mean, A invstd,
     const A mean_g = sum_g / m;
     const A mean_gxhat_invstd = sum_gc * invstd * invstd / m;  // mean(g * xhat) * invstd
     *k_x = -a * mean_gxhat_invstd;
-    *k_c = -a * mean_g + a * mean_gxhat_invstd * mean;
+    *k_c = -a * mean_g;
   } else {
     *k_x = A(0);
     *k_c = A(0);

@@ -4,6 +4,7 @@
 #include "cpu/bn_act_cpu.h"
 #ifdef RESNET_FAST_WITH_CUDA
 #include "cuda/bn_act_binding.h"
+#include "cuda/conv_bn_act_binding.h"
 #endif
 
 namespace py = pybind11;
@@ -24,6 +25,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("save_stats"), py::arg("residual_bn"), py::arg("training"), py::arg("relu"));
 #ifdef RESNET_FAST_WITH_CUDA
   resnet_fast::register_cuda_bindings(m);
+  resnet_fast::register_conv_cuda_bindings(m);
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

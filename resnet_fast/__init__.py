@@ -7,8 +7,10 @@ why they are unavailable (:func:`available_backends`, :func:`unavailable_reason`
 from resnet_fast import ops  # noqa: F401  (registers the resnet_fast:: ops)
 from resnet_fast.backends import BACKENDS, available_backends, unavailable_reason
 from resnet_fast.functional import (
+    DeferredBatchNorm,
     batch_norm_add_relu,
     batch_norm_relu,
+    conv_bn_relu,
     dual_batch_norm_add_relu,
 )
 
@@ -21,4 +23,6 @@ __all__ = [
     "batch_norm_relu",
     "batch_norm_add_relu",
     "dual_batch_norm_add_relu",
+    "conv_bn_relu",
+    "DeferredBatchNorm",
 ]

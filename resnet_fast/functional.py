@@ -4,6 +4,9 @@
 * :func:`batch_norm_add_relu` = ``relu(batch_norm(input) + residual)``
 * :func:`dual_batch_norm_add_relu` = ``relu(batch_norm(input) + batch_norm(residual))``, the end
   of a ResNet block whose shortcut is a downsampling conv with its own BatchNorm.
+* :func:`conv_bn_relu` = ``act(batch_norm(conv2d(input)) + residual)``, a whole conv layer; its
+  input may be a :class:`DeferredBatchNorm`, the previous layer's conv output and batch
+  statistics, normalised inside this conv's input load.
 
 Semantics are ``nn.BatchNorm2d``'s: in training the batch statistics normalise and the running
 statistics (when given) are updated in place with the unbiased variance; in eval the running
@@ -22,16 +25,24 @@ fastest available for the input's device, ``$RESNET_FAST_BACKEND`` overrides tha
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import math
+from typing import NamedTuple, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from resnet_fast import ops, reference
 from resnet_fast.backends import resolve_backend
 from resnet_fast.reference import _momentum_factor
 
-__all__ = ["batch_norm_relu", "batch_norm_add_relu", "dual_batch_norm_add_relu"]
+__all__ = [
+    "batch_norm_relu",
+    "batch_norm_add_relu",
+    "dual_batch_norm_add_relu",
+    "conv_bn_relu",
+    "DeferredBatchNorm",
+]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -47,7 +58,8 @@ class _BatchNormArgs(NamedTuple):
     prefix: str = ""
 
 
-def _check_activation(name: str, t: object, like: Optional[Tensor] = None) -> None:
+def _check_activation(name: str, t: object, like: Optional[Tensor] = None,
+                      like_name: str = "the input's") -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
@@ -66,7 +78,7 @@ def _check_activation(name: str, t: object, like: Optional[Tensor] = None) -> No
         return
     if t.shape != like.shape:
         raise ValueError(
-            f"{name} must have the input's shape {tuple(like.shape)}, got {tuple(t.shape)}"
+            f"{name} must have {like_name} shape {tuple(like.shape)}, got {tuple(t.shape)}"
         )
     if t.device != like.device:
         raise ValueError(f"{name} is on {t.device} but input is on {like.device}")
@@ -74,8 +86,12 @@ def _check_activation(name: str, t: object, like: Optional[Tensor] = None) -> No
         raise TypeError(f"{name} has dtype {t.dtype} but input has dtype {like.dtype}")
 
 
-def _check_batch_norm_args(bn: _BatchNormArgs, input: Tensor, training: bool) -> None:
-    C = input.shape[1]
+def _check_batch_norm_args(bn: _BatchNormArgs, input: Tensor, training: bool,
+                           shape: Optional[tuple[int, ...]] = None) -> None:
+    """Checks one BatchNorm's tensors against the activation it normalises: ``input``, or, for
+    a conv's BatchNorm, the conv output of ``shape`` on ``input``'s device."""
+    shape = tuple(input.shape) if shape is None else shape
+    C = shape[1]
     for field in ("running_mean", "running_var", "weight", "bias"):
         t = getattr(bn, field)
         name = bn.prefix + field
@@ -87,8 +103,8 @@ def _check_batch_norm_args(bn: _BatchNormArgs, input: Tensor, training: bool) ->
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
         if t.dim() != 1 or t.shape[0] != C:
             raise ValueError(
-                f"{name} must have shape ({C},) (one value per channel of input), "
-                f"got {tuple(t.shape)}"
+                f"{name} must have shape ({C},) (one value per channel of the activation it "
+                f"normalises), got {tuple(t.shape)}"
             )
         if t.device != input.device:
             raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
@@ -96,10 +112,9 @@ def _check_batch_norm_args(bn: _BatchNormArgs, input: Tensor, training: bool) ->
         raise ValueError(
             f"{bn.prefix}running_mean and {bn.prefix}running_var must both be given or both None"
         )
-    if training and input.numel() // input.shape[1] == 1:
+    if training and math.prod(shape) // C == 1:
         raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size "
-            f"{list(input.shape)}"
+            f"Expected more than 1 value per channel when training, got input size {list(shape)}"
         )
 
 
@@ -253,3 +268,210 @@ def dual_batch_norm_add_relu(
                          residual_bias, residual_num_batches_tracked, prefix="residual_")
     return _fused("dual_batch_norm_add_relu", input, residual, bn, rbn, training, momentum, eps,
                   backend)
+
+
+class DeferredBatchNorm(NamedTuple):
+    """``act(batch_norm(raw))`` whose normalisation has not been applied yet.
+
+    :func:`conv_bn_relu` with ``defer=True`` returns one in training: the conv output before its
+    BatchNorm (``raw``) and the batch statistics that normalise it, computed in the conv's
+    epilogue on the ``triton``/``cuda`` backends; the running statistics are already updated.
+    Passed as the ``input`` of the next :func:`conv_bn_relu`, it is normalised (and rectified)
+    inside that conv's input load and never stored; that conv's backward gives ``raw``,
+    ``weight`` and ``bias`` the full BatchNorm gradient. :meth:`materialize` forms the tensor.
+
+    ``stats`` is ``(2, C)``: the batch mean and ``1 / sqrt(var + eps)`` in the accumulation
+    dtype (float32, or float64 for float64 activations); it carries no gradient of its own.
+    """
+
+    raw: Tensor
+    stats: Tensor
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    relu: bool
+    eps: float
+    backend: str
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.raw.shape
+
+    def materialize(self) -> Tensor:
+        """The normalised (and rectified) activation, differentiable like the BatchNorm it
+        stands for (batch statistics are recomputed from ``raw``)."""
+        if self.backend == "reference":
+            y = F.batch_norm(self.raw, None, None, self.weight, self.bias, True, 0.0, self.eps)
+            return F.relu(y) if self.relu else y
+        return ops.fused_bn_act(
+            self.raw, self.weight, self.bias, None, None, None, None, None, None, None, False,
+            True, 0.0, self.eps, self.relu, self.backend,
+        )[0]
+
+
+def _pair(name: str, value, minimum: int) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return pair
+
+
+def _check_conv_weight(weight: object, input: Tensor, groups: int) -> None:
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"conv_weight must be a Tensor, got {type(weight).__name__}")
+    if weight.dim() != 4:
+        raise ValueError(
+            f"conv_weight must be 4-D (out_channels, in_channels / groups, kH, kW), got "
+            f"{weight.dim()}-D of shape {tuple(weight.shape)}"
+        )
+    if weight.dtype != input.dtype:
+        raise TypeError(f"conv_weight has dtype {weight.dtype} but input has dtype {input.dtype}")
+    if weight.device != input.device:
+        raise ValueError(f"conv_weight is on {weight.device} but input is on {input.device}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    Cin, Cout = input.shape[1], weight.shape[0]
+    if Cin % groups or Cout % groups:
+        raise ValueError(
+            f"input channels ({Cin}) and out channels ({Cout}) must both be divisible by "
+            f"groups ({groups})"
+        )
+    if weight.shape[1] * groups != Cin:
+        raise ValueError(
+            f"conv_weight of shape {tuple(weight.shape)} expects {weight.shape[1] * groups} "
+            f"input channels with groups={groups}, but input has {Cin} (shape "
+            f"{tuple(input.shape)})"
+        )
+
+
+def _autocast_conv_dtype(device: torch.device) -> Optional[torch.dtype]:
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def conv_bn_relu(
+    input: Union[Tensor, DeferredBatchNorm],
+    conv_weight: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    bn_weight: Optional[Tensor] = None,
+    bn_bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    *,
+    conv_bias: Optional[Tensor] = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    residual: Optional[Tensor] = None,
+    relu: bool = True,
+    num_batches_tracked: Optional[Tensor] = None,
+    defer: bool = False,
+    backend: Optional[str] = None,
+) -> Union[Tensor, DeferredBatchNorm]:
+    """``act(batch_norm(conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups))
+    + residual)`` as one fused op; ``act`` is ReLU (``relu=True``) or the identity, ``residual``
+    optional (the output's shape, dtype and device).
+
+    The BatchNorm arguments follow :func:`batch_norm_relu` (running statistics updated in
+    training, ``momentum=None``, no tracking with ``running_mean=None``). Gradients reach the
+    input, ``conv_weight``, ``conv_bias``, ``bn_weight``, ``bn_bias`` and ``residual``.
+
+    ``input`` may be a :class:`DeferredBatchNorm`; its normalisation (+ ReLU) is applied to the
+    loaded input (padding stays zero after it). With ``defer=True`` and batch statistics
+    (training), the result is a :class:`DeferredBatchNorm` for the next conv instead of a
+    tensor (``residual`` must then be ``None``); with running statistics (eval) deferring gains
+    nothing and the tensor is returned.
+
+    Under ``torch.autocast`` the conv runs in the autocast dtype, as ``F.conv2d`` does, and the
+    BatchNorm tensors keep theirs. channels_last input is the fast layout; the output has the
+    input's memory format.
+    """
+    deferred = input if isinstance(input, DeferredBatchNorm) else None
+    x = deferred.raw if deferred is not None else input
+    _check_activation("input", x)
+    cast = _autocast_conv_dtype(x.device)
+    if cast is not None and deferred is None and x.dtype != cast:
+        x = x.to(cast)
+    if cast is not None and isinstance(conv_weight, Tensor):
+        conv_weight = conv_weight.to(x.dtype)
+        conv_bias = None if conv_bias is None else conv_bias.to(x.dtype)
+    _check_conv_weight(conv_weight, x, groups)
+    stride = _pair("stride", stride, 1)
+    padding = _pair("padding", padding, 0)
+    dilation = _pair("dilation", dilation, 1)
+    shape = ops.conv_output_shape(x.shape, conv_weight.shape, stride, padding, dilation)
+    if min(shape[2:]) < 1:
+        raise ValueError(
+            f"input of spatial size {tuple(x.shape[2:])} is too small for conv_weight "
+            f"{tuple(conv_weight.shape)} with stride={stride}, padding={padding}, "
+            f"dilation={dilation} (output size {tuple(shape[2:])})"
+        )
+    if conv_bias is not None:
+        if not isinstance(conv_bias, Tensor):
+            raise TypeError(f"conv_bias must be a Tensor or None, got {type(conv_bias).__name__}")
+        if tuple(conv_bias.shape) != (shape[1],):
+            raise ValueError(f"conv_bias must have shape ({shape[1]},) (one value per out "
+                             f"channel), got {tuple(conv_bias.shape)}")
+        if conv_bias.dtype != x.dtype or conv_bias.device != x.device:
+            raise TypeError(f"conv_bias ({conv_bias.dtype} on {conv_bias.device}) must have the "
+                            f"input's dtype and device ({x.dtype} on {x.device})")
+    bn = _BatchNormArgs(running_mean, running_var, bn_weight, bn_bias, num_batches_tracked,
+                        "")
+    _check_batch_norm_args(bn, x, training, shape)
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"residual must be a Tensor or None, got {type(residual).__name__}")
+        if residual.is_floating_point() and residual.dtype != x.dtype and cast is not None:
+            residual = residual.to(x.dtype)
+        _check_activation("residual", residual, like=x.new_empty(()).expand(shape),
+                          like_name="the conv output's")
+    name = resolve_backend(backend, x.device)
+    batch_stats = training or running_mean is None
+    defer = bool(defer) and batch_stats
+    if defer and residual is not None:
+        raise ValueError("defer=True returns the conv output before its BatchNorm, so residual "
+                         "must be None (add it where the BatchNorm is applied)")
+    conv_args = dict(conv_bias=conv_bias, stride=stride, padding=padding, dilation=dilation,
+                     groups=groups)
+
+    if deferred is not None and "reference" in (name, deferred.backend):
+        x, deferred = deferred.materialize(), None
+    if name == "reference":
+        if not defer:
+            return reference.conv_bn_relu(
+                x, conv_weight, running_mean, running_var, bn_weight, bn_bias, training,
+                momentum, eps, residual=residual, relu=relu,
+                num_batches_tracked=num_batches_tracked, **conv_args)
+        raw = F.conv2d(x, conv_weight, conv_bias, stride, padding, dilation, groups)
+        with torch.no_grad():
+            var, mean = torch.var_mean(raw, dim=(0, 2, 3), correction=0)
+            stats = torch.stack([mean, torch.rsqrt(var + eps)]).to(ops.acc_dtype_of(raw.dtype))
+            if running_mean is not None:  # updates them exactly as eager BatchNorm does
+                factor = _momentum_factor(momentum, training, running_mean, num_batches_tracked)
+                F.batch_norm(raw, running_mean, running_var, None, None, True, factor, eps)
+        return DeferredBatchNorm(raw, stats, bn_weight, bn_bias, relu, eps, name)
+
+    factor = _momentum_factor(momentum, training, running_mean, num_batches_tracked)
+    tensors = (x, conv_weight, conv_bias, bn_weight, bn_bias, residual,
+               *((deferred.weight, deferred.bias) if deferred is not None else ()))
+    save_raw = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors)
+    prologue = ((deferred.weight, deferred.bias, deferred.stats, deferred.relu)
+                if deferred is not None else (None, None, None, False))
+    out, _raw, save_stats, new_running = ops.fused_conv_bn_act(
+        x, conv_weight, conv_bias, list(stride), list(padding), list(dilation), groups,
+        *prologue[:3], True, prologue[3],
+        bn_weight, bn_bias, running_mean, running_var, residual,
+        batch_stats, factor, eps, relu, defer, save_raw, name,
+    )
+    if training and running_mean is not None:
+        with torch.no_grad():
+            torch._foreach_copy_([running_mean, running_var], list(new_running.unbind(0)))
+    if defer:
+        return DeferredBatchNorm(out, save_stats, bn_weight, bn_bias, relu, eps, name)
+    return out

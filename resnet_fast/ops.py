@@ -18,17 +18,47 @@ and ``grad_out`` dense in one layout (NCHW or channels_last, the input's), weigh
 materialised and, like all per-channel tensors, in the accumulation dtype (float64 for float64
 input, float32 otherwise). The backends implement ``forward`` and ``backward`` with the same
 arguments as the two ops minus ``backend``.
+
+``resnet_fast::conv_bn_act`` (functional; differentiable)
+    ``act(batch_norm(conv2d(a)) + residual)`` where ``a`` is the input, or, given ``in_stats``,
+    the input normalised on load by a preceding BatchNorm (+ ReLU) whose batch statistics are
+    already known (the hand-off of :class:`resnet_fast.functional.DeferredBatchNorm`). With
+    ``defer`` the op stops before normalising and returns the conv output with its statistics.
+    Returns ``(out, raw, save_stats, new_running)``: ``raw`` is the pre-BN conv output when
+    backward needs it and ``out`` is not already that (else empty), ``save_stats`` the ``(2, C)``
+    (mean, invstd) that normalised, ``new_running`` as for ``bn_act`` but ``(2, C)``.
+``resnet_fast::conv_bn_act_backward`` (functional)
+    Its gradients: the BatchNorm/ReLU part with ``bn_act``'s backward kernels, the conv part
+    with ``aten.convolution_backward`` on the recomputed (never saved) normalised input, then
+    the input BatchNorm's backward when the input was normalised on load.
+
+Kernels behind ``conv_bn_act``: ``triton`` and ``cuda`` fuse the input normalisation into the
+conv's load and the BatchNorm (+ residual + ReLU) or the statistics into its epilogue (one
+launch in eval); ``cpu`` runs oneDNN's conv with the BatchNorm folded into its weight and bias
+in eval (weights folded and prepacked once per parameter version), and PyTorch's conv followed
+by the fused ``bn_act`` kernels in training.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Optional
+import weakref
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["bn_act", "bn_act_backward", "fused_bn_act", "memory_format_of", "acc_dtype_of"]
+__all__ = [
+    "bn_act",
+    "bn_act_backward",
+    "fused_bn_act",
+    "conv_bn_act",
+    "conv_bn_act_backward",
+    "fused_conv_bn_act",
+    "conv_output_shape",
+    "memory_format_of",
+    "acc_dtype_of",
+]
 
 
 def memory_format_of(x: Tensor) -> torch.memory_format:
@@ -68,13 +98,13 @@ def _prepare(x: Tensor, *tensors: Optional[Tensor]) -> tuple[Tensor, ...]:
     return tuple(None if t is None else t.contiguous(memory_format=fmt) for t in (x, *tensors))
 
 
-def _affine_params(x, acc, weight, bias, residual_weight, residual_bias, residual_bn):
-    """(w, b, rw, rb) as the backends take them: in ``acc``, contiguous, ``None`` weight/bias
-    materialised as ones/zeros; the residual's pair is ``None`` unless ``residual_bn``."""
-    C = x.shape[1]
+def _affine_params(like, C, acc, weight, bias, residual_weight, residual_bias, residual_bn):
+    """(w, b, rw, rb) of ``C`` channels as the backends take them: in ``acc``, contiguous,
+    ``None`` weight/bias materialised as ones/zeros (on ``like``'s device); the residual's pair
+    is ``None`` unless ``residual_bn``."""
 
     def param(t, fill):
-        return _per_channel(t, acc) if t is not None else x.new_full((C,), fill, dtype=acc)
+        return _per_channel(t, acc) if t is not None else like.new_full((C,), fill, dtype=acc)
 
     if not residual_bn:
         return param(weight, 1.0), param(bias, 0.0), None, None
@@ -102,8 +132,8 @@ def _bn_act_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     acc = acc_dtype_of(input.dtype)
     x, r = _prepare(input, residual)
-    w, b, rw, rb = _affine_params(x, acc, weight, bias, residual_weight, residual_bias,
-                                  residual_bn)
+    w, b, rw, rb = _affine_params(x, x.shape[1], acc, weight, bias, residual_weight,
+                                  residual_bias, residual_bn)
     return _backend_kernels(backend)[0](
         x, w, b, _per_channel(running_mean, acc), _per_channel(running_var, acc),
         r, rw, rb, _per_channel(residual_running_mean, acc),
@@ -148,8 +178,8 @@ def _bn_act_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     acc = acc_dtype_of(input.dtype)
     x, g, r = _prepare(input, grad_out, residual)
-    w, b, rw, rb = _affine_params(x, acc, weight, bias, residual_weight, residual_bias,
-                                  residual_bn)
+    w, b, rw, rb = _affine_params(x, x.shape[1], acc, weight, bias, residual_weight,
+                                  residual_bias, residual_bn)
     return _backend_kernels(backend)[1](
         g, x, w, b, r, rw, rb, save_stats.contiguous(), residual_bn, training, relu
     )
@@ -216,29 +246,406 @@ bn_act.register_autograd(
 )
 
 
-class _BnActFunction(torch.autograd.Function):
-    """bn_act's autograd formula applied directly to its implementation (see fused_bn_act)."""
+def _eager_function(name: str, forward: Callable, setup_context: Callable,
+                    input_grads: Callable) -> type:
+    """An ``autograd.Function`` running an op's implementation and autograd formula directly.
 
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _bn_act_forward(*inputs)
-        _bn_act_setup_context(ctx, inputs, output)
+    ``fused_*`` use it in eager mode: it skips the dispatcher's per-call cost for Python custom
+    ops (a few hundred microseconds per forward + backward, more than a small BatchNorm takes),
+    while ``torch.compile`` sees the registered op with its fake kernel and backward op.
+    """
+
+    def forward_(ctx, *inputs):
+        output = forward(*inputs)
+        setup_context(ctx, inputs, output)
         return output
 
-    @staticmethod
-    def backward(ctx, grad_out, _grad_stats, _grad_running):
-        return _bn_act_input_grads(ctx, grad_out, _bn_act_backward)
+    def backward_(ctx, grad_out, *_grad_aux):
+        return input_grads(ctx, grad_out)
+
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(forward_), "backward": staticmethod(backward_)})
+
+
+_BnActFunction = _eager_function(
+    "_BnActFunction", _bn_act_forward, _bn_act_setup_context,
+    lambda ctx, grad_out: _bn_act_input_grads(ctx, grad_out, _bn_act_backward))
 
 
 def fused_bn_act(*inputs):
-    """``resnet_fast::bn_act`` with its autograd formula, arguments as the op's.
-
-    Under ``torch.compile`` (or any dynamo trace) this is the registered op, which the compiler
-    sees as one node with its fake kernel and backward op. In eager mode the same
-    implementation and formula run through a plain ``autograd.Function``, which skips the
-    dispatcher's per-call cost for Python custom ops (a few hundred microseconds per
-    forward + backward, more than a small BatchNorm takes).
-    """
+    """``resnet_fast::bn_act`` with its autograd formula, arguments as the op's: the registered
+    op under ``torch.compile`` (or any dynamo trace), its implementation and formula through a
+    plain ``autograd.Function`` in eager mode."""
     if torch.compiler.is_compiling():
         return bn_act(*inputs)
     return _BnActFunction.apply(*inputs)
+
+
+# --------------------------------------------------------------------------- conv + BN + act
+
+
+def conv_output_shape(input_shape: Sequence[int], weight_shape: Sequence[int],
+                      stride: Sequence[int], padding: Sequence[int],
+                      dilation: Sequence[int]) -> tuple[int, int, int, int]:
+    """``(N, Cout, Ho, Wo)`` of ``conv2d``; ``Ho`` or ``Wo`` below 1 means the input is too
+    small for the kernel."""
+    N, _, H, W = input_shape
+    Cout, _, kh, kw = weight_shape
+    Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return N, Cout, Ho, Wo
+
+
+def _conv_launcher(backend: str) -> Optional[Callable]:
+    """The backend's fused conv launcher (``conv2d_bn_act`` contract: input normalisation on
+    load, BatchNorm/residual/ReLU or statistics in the epilogue), or ``None`` for ``cpu``,
+    which composes PyTorch's conv with the ``bn_act`` kernels."""
+    if backend == "triton":
+        return importlib.import_module("resnet_fast.triton.conv_bn_act").conv2d_bn_act
+    if backend == "cuda":
+        return importlib.import_module("resnet_fast._C").conv2d_bn_act_cuda
+    if backend == "cpu":
+        return None
+    raise ValueError(f"backend {backend!r} has no kernels behind resnet_fast::conv_bn_act")
+
+
+def _scale_shift(stats: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
+    """Per-channel ``(scale, shift)`` with ``batch_norm(x) = x * scale + shift`` for the
+    ``(2, C)`` (mean, invstd) ``stats``."""
+    mean, invstd = stats.unbind(0)
+    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    shift = -mean * scale if bias is None else bias.to(scale.dtype) - mean * scale
+    return scale, shift
+
+
+def _normalize(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], stats: Tensor,
+               relu: bool) -> Tensor:
+    """``act(batch_norm(x))`` with known statistics, computed in their dtype and returned in
+    ``x``'s dtype and layout: the input of a conv that normalises on load, recomputed for its
+    backward (and formed in full where no kernel fuses the load)."""
+    scale, shift = _scale_shift(stats, weight, bias)
+    y = torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
+    if relu:
+        y = y.relu_()
+    return y.to(x.dtype).contiguous(memory_format=memory_format_of(x))
+
+
+def _running_update(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                    count: int, momentum: float) -> Tensor:
+    """``(2, C)`` updated (running_mean, running_var) as ``nn.BatchNorm2d`` updates them, from
+    the batch's mean and biased variance over ``count`` values per channel."""
+    unbiased = var * (count / (count - 1))
+    return torch.stack([(1 - momentum) * running_mean + momentum * mean,
+                        (1 - momentum) * running_var + momentum * unbiased])
+
+
+def _eval_stats(running_mean: Tensor, running_var: Tensor, eps: float) -> Tensor:
+    return torch.stack([running_mean, torch.rsqrt(running_var + eps)])
+
+
+# oneDNN fuses conv + bias + (add) + ReLU on the CPU for these activation dtypes.
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+# id(conv weight) -> (weak reference to it, cache key, (prepacked folded weight, folded bias));
+# an entry goes when its weight is freed. (Tensors cannot be weak dictionary keys: their == is
+# elementwise.)
+_ONEDNN_CACHE: dict[int, tuple] = {}
+
+
+def _onednn_folded_weights(weight, conv_bias, scale, shift, input_shape, stride, padding,
+                           dilation, groups, cache_key):
+    """The conv weight and bias with the BatchNorm folded in, the weight prepacked in oneDNN's
+    blocked layout for ``input_shape``. Cached per ``weight`` under ``cache_key`` (the storage
+    and version of every parameter and statistic that went in), so a module folds and packs
+    once per parameter update, not per call."""
+    cached = _ONEDNN_CACHE.get(id(weight)) if cache_key is not None else None
+    if cached is not None and cached[0]() is weight and cached[1] == cache_key:
+        return cached[2]
+    folded_bias = shift if conv_bias is None else shift + conv_bias.to(scale.dtype) * scale
+    folded = (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(weight.dtype)
+    packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+        folded.to_mkldnn(), list(padding), list(stride), list(dilation), groups,
+        list(input_shape))
+    result = (packed, folded_bias.to(weight.dtype))
+    if cache_key is not None:
+        if cached is None or cached[0]() is not weight:
+            weakref.finalize(weight, _ONEDNN_CACHE.pop, id(weight), None)
+        _ONEDNN_CACHE[id(weight)] = (weakref.ref(weight), cache_key, result)
+    return result
+
+
+def _version_key(*tensors: Optional[Tensor]):
+    """What identifies the values of ``tensors`` (storage and in-place version), or ``None``
+    where that cannot be told (inference tensors, tracing)."""
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        return tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors)
+    except RuntimeError:  # inference tensors carry no version counter
+        return None
+
+
+def _conv_bn_act_forward(
+    input: Tensor,
+    weight: Tensor,
+    conv_bias: Optional[Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    in_weight: Optional[Tensor],
+    in_bias: Optional[Tensor],
+    in_stats: Optional[Tensor],
+    in_batch_stats: bool,
+    in_relu: bool,
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    residual: Optional[Tensor],
+    batch_stats: bool,
+    momentum: float,
+    eps: float,
+    relu: bool,
+    defer: bool,
+    save_raw: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if defer and not batch_stats:
+        raise ValueError("defer=True needs batch statistics (training, or no running statistics)")
+    acc = acc_dtype_of(input.dtype)
+    launch = _conv_launcher(backend)
+    bn_forward = _backend_kernels(backend)[0]
+    x, r = _prepare(input, residual)
+    fmt = memory_format_of(x)
+    out_shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
+    count = out_shape[0] * out_shape[2] * out_shape[3]
+
+    def empty():  # an absent output: a fresh one each time, as outputs may not alias
+        return x.new_empty((0,), dtype=acc)
+
+    w, b, _, _ = _affine_params(x, out_shape[1], acc, bn_weight, bn_bias, None, None, False)
+    rm, rv = _per_channel(running_mean, acc), _per_channel(running_var, acc)
+    conv_args = (stride, padding, dilation, groups)
+    prologue = {}
+    if in_stats is not None:
+        if launch is None:
+            x = _normalize(x, in_weight, in_bias, in_stats, in_relu)
+        else:
+            in_scale, in_shift = _scale_shift(in_stats, in_weight, in_bias)
+            prologue = dict(in_scale=in_scale.contiguous(), in_shift=in_shift.contiguous(),
+                            in_relu=in_relu)
+
+    def conv(bias, **epilogue):
+        if launch is None:
+            return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False,
+                                              [0, 0], groups), None
+        y, stats = launch(x, weight, bias, *conv_args, **prologue, **epilogue)
+        return y.contiguous(memory_format=fmt), stats
+
+    def apply(raw, mean, var, momentum_, training):
+        """bn_act over the conv output: with ``training`` its kernels find the statistics,
+        else (mean, var) normalise, as running statistics do in eval."""
+        return bn_forward(raw, w, b, mean, var, r, None, None, None, None, False, training,
+                          momentum_, eps, relu)
+
+    if not batch_stats:
+        save_stats = _eval_stats(rm, rv, eps)
+        if not save_raw and (launch is not None or x.dtype in _ONEDNN_DTYPES):
+            scale, shift = _scale_shift(save_stats, w, b)
+            if launch is not None:
+                shift = shift if conv_bias is None else shift + conv_bias.to(acc) * scale
+                out, _ = conv(None, out_scale=scale.contiguous(), out_shift=shift.contiguous(),
+                              residual=r, relu=relu)
+                return out, empty(), save_stats, empty()
+            key = _version_key(weight, conv_bias, bn_weight, bn_bias, running_mean, running_var)
+            packed, folded_bias = _onednn_folded_weights(
+                weight, conv_bias, scale, shift, x.shape, *conv_args,
+                cache_key=None if key is None else (key, eps, tuple(x.shape), *map(tuple, (
+                    stride, padding, dilation)), groups))
+            unary = "relu" if relu else None
+            if r is None:
+                out = torch.ops.mkldnn._convolution_pointwise(
+                    x, packed, folded_bias, padding, stride, dilation, groups, unary or "none",
+                    [None] if relu else [], "" if relu else None)
+            else:
+                out = torch.ops.mkldnn._convolution_pointwise.binary(
+                    x, r, packed, folded_bias, padding, stride, dilation, groups, "add", None,
+                    unary, [None] if relu else [], "" if relu else None)
+            return out.contiguous(memory_format=fmt), empty(), save_stats, empty()
+        raw, _ = conv(conv_bias)
+        out = apply(raw, rm, rv, 0.0, False)[0]
+        return out, raw, save_stats, empty()
+
+    if launch is None:
+        raw, _ = conv(conv_bias)
+        if not defer:
+            out, save_stats, new_running = apply(raw, rm, rv, momentum, True)
+            return out, raw, save_stats[0], new_running[0] if new_running.numel() else empty()
+        var, mean = torch.var_mean(raw.to(acc), dim=(0, 2, 3), correction=0)
+    else:
+        raw, mean_var = conv(conv_bias, stats=True)
+        mean, var = mean_var.unbind(0)
+    save_stats = torch.stack([mean, torch.rsqrt(var + eps)])
+    new_running = (empty() if rm is None
+                   else _running_update(rm, rv, mean, var, count, momentum))
+    if defer:
+        return raw, empty(), save_stats, new_running
+    out = apply(raw, mean, var, 0.0, False)[0]
+    return out, raw, save_stats, new_running
+
+
+conv_bn_act = torch.library.custom_op("resnet_fast::conv_bn_act", _conv_bn_act_forward,
+                                      mutates_args=())
+
+
+@conv_bn_act.register_fake
+def _conv_bn_act_fake(
+    input, weight, conv_bias, stride, padding, dilation, groups, in_weight, in_bias, in_stats,
+    in_batch_stats, in_relu, bn_weight, bn_bias, running_mean, running_var, residual,
+    batch_stats, momentum, eps, relu, defer, save_raw, backend,
+):
+    acc = acc_dtype_of(input.dtype)
+    shape = conv_output_shape(input.shape, weight.shape, stride, padding, dilation)
+    fmt = memory_format_of(input)
+
+    def activation(present):
+        if not present:
+            return input.new_empty((0,), dtype=acc)
+        return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=fmt)
+
+    keeps_raw = not defer and (batch_stats or save_raw or (
+        backend == "cpu" and input.dtype not in _ONEDNN_DTYPES))
+    tracks = batch_stats and running_mean is not None
+    return (activation(True), activation(keeps_raw), input.new_empty((2, shape[1]), dtype=acc),
+            input.new_empty((2, shape[1]) if tracks else (0,), dtype=acc))
+
+
+def _conv_bn_act_backward(
+    grad_out: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    has_conv_bias: bool,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    in_weight: Optional[Tensor],
+    in_bias: Optional[Tensor],
+    in_stats: Optional[Tensor],
+    in_batch_stats: bool,
+    in_relu: bool,
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    raw: Tensor,
+    save_stats: Tensor,
+    batch_stats: bool,
+    relu: bool,
+    defer: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    acc = acc_dtype_of(input.dtype)
+
+    def empty():  # an absent gradient: a fresh one each time, as outputs may not alias
+        return input.new_empty((0,), dtype=acc)
+
+    if defer:
+        grad_raw, grad_bn_weight, grad_bn_bias, grad_residual = grad_out, empty(), empty(), empty()
+    else:
+        grad_raw, grad_bn_weight, grad_bn_bias, grad_residual, _, _ = _bn_act_backward(
+            grad_out, raw, bn_weight, bn_bias, residual, None, None, save_stats.unsqueeze(0),
+            False, batch_stats, relu, backend)
+    x, grad_raw = _prepare(input, grad_raw)
+    a = x if in_stats is None else _normalize(x, in_weight, in_bias, in_stats, in_relu)
+    grad_a, grad_weight, grad_conv_bias = torch.ops.aten.convolution_backward(
+        grad_raw, a, weight, [weight.shape[0]] if has_conv_bias else None, stride, padding,
+        dilation, False, [0, 0], groups, [True, True, has_conv_bias])
+    if in_stats is None:
+        grad_input, grad_in_weight, grad_in_bias = grad_a, empty(), empty()
+    else:
+        grad_input, grad_in_weight, grad_in_bias, _, _, _ = _bn_act_backward(
+            grad_a, x, in_weight, in_bias, None, None, None, in_stats.unsqueeze(0), False,
+            in_batch_stats, in_relu, backend)
+    return (grad_input.contiguous(memory_format=memory_format_of(input)),
+            grad_weight.contiguous(), empty() if grad_conv_bias is None else grad_conv_bias,
+            grad_in_weight, grad_in_bias, grad_bn_weight, grad_bn_bias, grad_residual)
+
+
+conv_bn_act_backward = torch.library.custom_op(
+    "resnet_fast::conv_bn_act_backward", _conv_bn_act_backward, mutates_args=())
+
+
+@conv_bn_act_backward.register_fake
+def _conv_bn_act_backward_fake(
+    grad_out, input, weight, has_conv_bias, stride, padding, dilation, groups, in_weight,
+    in_bias, in_stats, in_batch_stats, in_relu, bn_weight, bn_bias, residual, raw, save_stats,
+    batch_stats, relu, defer, backend,
+):
+    acc = acc_dtype_of(input.dtype)
+
+    def per_channel(present, C):
+        return input.new_empty((C,) if present else (0,), dtype=acc)
+
+    Cin, Cout = input.shape[1], weight.shape[0]
+    grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device,
+                             memory_format=memory_format_of(input))
+    grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    grad_residual = (torch.empty_like(grad_out, memory_format=memory_format_of(grad_out))
+                     if residual is not None and not defer else per_channel(False, 0))
+    return (grad_input, grad_weight, per_channel(has_conv_bias, Cout),
+            per_channel(in_stats is not None, Cin), per_channel(in_stats is not None, Cin),
+            per_channel(not defer, Cout), per_channel(not defer, Cout), grad_residual)
+
+
+def _conv_bn_act_setup_context(ctx, inputs, output):
+    (input, weight, conv_bias, stride, padding, dilation, groups, in_weight, in_bias, in_stats,
+     in_batch_stats, in_relu, bn_weight, bn_bias, _rm, _rv, residual, batch_stats, _momentum,
+     _eps, relu, defer, _save_raw, backend) = inputs
+    _out, raw, save_stats, new_running = output
+    ctx.mark_non_differentiable(raw, save_stats, new_running)
+    ctx.save_for_backward(input, weight, in_weight, in_bias, in_stats, bn_weight, bn_bias,
+                          residual, raw, save_stats)
+    ctx.args = (conv_bias is not None, stride, padding, dilation, groups, in_batch_stats,
+                in_relu, batch_stats, relu, defer, backend)
+
+
+def _conv_bn_act_input_grads(ctx, grad_out, backward):
+    """The gradients of conv_bn_act's 24 inputs, from ``backward`` (the op or its
+    implementation)."""
+    (input, weight, in_weight, in_bias, in_stats, bn_weight, bn_bias, residual, raw,
+     save_stats) = ctx.saved_tensors
+    (has_conv_bias, stride, padding, dilation, groups, in_batch_stats, in_relu, batch_stats,
+     relu, defer, backend) = ctx.args
+    gi, gw, gcb, giw, gib, gbw, gbb, gr = backward(
+        grad_out, input, weight, has_conv_bias, stride, padding, dilation, groups, in_weight,
+        in_bias, in_stats, in_batch_stats, in_relu, bn_weight, bn_bias, residual, raw,
+        save_stats, batch_stats, relu, defer, backend)
+
+    def grad_of(grad, t):
+        return None if t is None or not t.requires_grad else grad.to(t.dtype)
+
+    if defer:  # the BatchNorm's parameters get their gradients from the conv normalising on load
+        bn_weight = bn_bias = None
+    return (grad_of(gi, input), grad_of(gw, weight), gcb if has_conv_bias else None,
+            None, None, None, None, grad_of(giw, in_weight), grad_of(gib, in_bias), None, None,
+            None, grad_of(gbw, bn_weight), grad_of(gbb, bn_bias), None, None,
+            grad_of(gr, residual), None, None, None, None, None, None, None)
+
+
+conv_bn_act.register_autograd(
+    lambda ctx, grad_out, _grad_raw, _grad_stats, _grad_running: _conv_bn_act_input_grads(
+        ctx, grad_out, conv_bn_act_backward),
+    setup_context=_conv_bn_act_setup_context,
+)
+
+_ConvBnActFunction = _eager_function(
+    "_ConvBnActFunction", _conv_bn_act_forward, _conv_bn_act_setup_context,
+    lambda ctx, grad_out: _conv_bn_act_input_grads(ctx, grad_out, _conv_bn_act_backward))
+
+
+def fused_conv_bn_act(*inputs):
+    """``resnet_fast::conv_bn_act`` with its autograd formula, arguments as the op's (see
+    :func:`fused_bn_act`)."""
+    if torch.compiler.is_compiling():
+        return conv_bn_act(*inputs)
+    return _ConvBnActFunction.apply(*inputs)

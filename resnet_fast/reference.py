@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["batch_norm_relu", "batch_norm_add_relu", "dual_batch_norm_add_relu"]
+__all__ = ["batch_norm_relu", "batch_norm_add_relu", "dual_batch_norm_add_relu", "conv_bn_relu"]
 
 
 def _momentum_factor(
@@ -138,3 +138,35 @@ def dual_batch_norm_add_relu(
         training, momentum, eps, residual_num_batches_tracked,
     )
     return F.relu(y + r)
+
+
+def conv_bn_relu(
+    input: Tensor,
+    conv_weight: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    bn_weight: Optional[Tensor] = None,
+    bn_bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    *,
+    conv_bias: Optional[Tensor] = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    residual: Optional[Tensor] = None,
+    relu: bool = True,
+    num_batches_tracked: Optional[Tensor] = None,
+) -> Tensor:
+    """``act(batch_norm(conv2d(input)) + residual)``: a conv layer, its BatchNorm, the optional
+    shortcut add and ReLU (``relu=True``) or identity (``relu=False``)."""
+    y = F.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
+    y = _batch_norm(
+        y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps,
+        num_batches_tracked,
+    )
+    if residual is not None:
+        y = y + residual
+    return F.relu(y) if relu else y

@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from resnet_fast import functional, reference
-from resnet_fast.ops import acc_dtype_of
+from resnet_fast.ops import acc_dtype_of, conv_output_shape
 
-__all__ = ["FLOOR", "Case", "CaseResult", "check_case", "OPS"]
+__all__ = ["FLOOR", "Case", "Conv", "CaseResult", "check_case", "OPS", "CONV_OPS"]
 
 # Relative floor of the tolerance, per dtype (times max(1, max|reference|)).
 FLOOR = {
@@ -32,14 +32,44 @@ FLOOR = {
     torch.bfloat16: 1e-2,
 }
 
-# name -> (has residual, residual is BatchNorm'ed)
+# name -> (has residual, residual is BatchNorm'ed); conv_bn_relu's residual is its Conv's choice.
 OPS = {
     "batch_norm_relu": (False, False),
     "batch_norm_add_relu": (True, False),
     "dual_batch_norm_add_relu": (True, True),
+    "conv_bn_relu": (False, False),
 }
+CONV_OPS = ("conv_bn_relu",)  # the ops whose Case carries a Conv
 
 LAYOUTS = ("contiguous", "channels_last", "strided")
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+    """The conv layer of a ``conv_bn_relu`` case (square kernel, symmetric stride/padding)."""
+
+    out_channels: int
+    kernel: int = 3
+    stride: int = 1
+    padding: int = 1
+    dilation: int = 1
+    groups: int = 1
+    bias: bool = False
+    residual: bool = False
+    relu: bool = True
+
+    def describe(self) -> str:
+        text = f"->{self.out_channels} k{self.kernel}s{self.stride}p{self.padding}"
+        text += f"d{self.dilation}" if self.dilation != 1 else ""
+        text += f"g{self.groups}" if self.groups != 1 else ""
+        text += "+bias" if self.bias else ""
+        text += "+res" if self.residual else ""
+        return text + ("" if self.relu else " noact")
+
+    def output_shape(self, input_shape) -> tuple[int, int, int, int]:
+        k, pair = self.kernel, lambda v: (v, v)
+        return conv_output_shape(input_shape, (self.out_channels, 1, k, k), pair(self.stride),
+                                 pair(self.padding), pair(self.dilation))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +83,15 @@ class Case:
     affine: bool = True
     momentum: Optional[float] = 0.1
     eps: float = 1e-5
+    conv: Optional[Conv] = None  # conv_bn_relu only (default: Conv(out_channels=C))
+
+    def __post_init__(self):
+        if self.op in CONV_OPS and self.conv is None:
+            object.__setattr__(self, "conv", Conv(self.shape[1]))
+
+    @property
+    def has_residual(self) -> bool:
+        return self.conv.residual if self.conv is not None else OPS[self.op][0]
 
     def describe(self) -> str:
         mode = "train" if self.training else "eval"
@@ -60,7 +99,8 @@ class Case:
             mode += ",untracked"
         if self.momentum is None:
             mode += ",cma"
-        return (f"{self.op} {tuple(self.shape)} {str(self.dtype).replace('torch.', '')} "
+        conv = "" if self.conv is None else " " + self.conv.describe()
+        return (f"{self.op} {tuple(self.shape)}{conv} {str(self.dtype).replace('torch.', '')} "
                 f"{self.layout} {mode}")
 
 
@@ -113,12 +153,21 @@ def _master_inputs(case: Case, generator: torch.Generator) -> dict[str, Optional
     def rand(*shape):
         return torch.rand(*shape, generator=generator, dtype=torch.float64)
 
-    has_residual, residual_bn = OPS[case.op]
+    residual_bn = OPS[case.op][1]
     # Per-channel offsets and scales so channels differ, centred so ReLU cuts about half.
     t = {"input": randn(N, C, H, W) * (0.5 + rand(1, C, 1, 1) * 2) + randn(1, C, 1, 1)}
+    out_shape = (N, C, H, W)
+    if case.conv is not None:
+        cv = case.conv
+        fan_in = C // cv.groups * cv.kernel ** 2
+        t["conv_weight"] = randn(cv.out_channels, C // cv.groups, cv.kernel,
+                                 cv.kernel) / math.sqrt(fan_in)
+        t["conv_bias"] = randn(cv.out_channels) * 0.5 if cv.bias else None
+        out_shape = cv.output_shape(case.shape)
+    N, C, H, W = out_shape
     t["grad_out"] = randn(N, C, H, W)
     t["residual"] = (randn(N, C, H, W) * (0.5 + rand(1, C, 1, 1))
-                     + randn(1, C, 1, 1)) if has_residual else None
+                     + randn(1, C, 1, 1)) if case.has_residual else None
     for prefix in ("", "residual_") if residual_bn else ("",):
         t[prefix + "weight"] = (rand(C) + 0.5) * torch.sign(randn(C)) if case.affine else None
         t[prefix + "bias"] = randn(C) * 0.5 if case.affine else None
@@ -129,7 +178,10 @@ def _master_inputs(case: Case, generator: torch.Generator) -> dict[str, Optional
     return t
 
 
-_GRAD_NAMES = ("input", "residual", "weight", "bias", "residual_weight", "residual_bias")
+_GRAD_NAMES = ("input", "residual", "weight", "bias", "residual_weight", "residual_bias",
+               "conv_weight", "conv_bias")
+# Tensors in the activations' dtype whatever their rank; other 1-D ones are per-channel.
+_ACTIVATION_DTYPE = ("conv_weight", "conv_bias")
 _STAT_NAMES = ("running_mean", "running_var", "residual_running_mean", "residual_running_var")
 
 
@@ -143,6 +195,8 @@ def _run(fn: Callable, case: Case, masters: dict, dtype: torch.dtype, device: to
     for name, m in masters.items():
         if m is None:
             t[name] = None
+        elif name in _ACTIVATION_DTYPE:
+            t[name] = m.to(device=device, dtype=dtype, copy=True)
         elif m.dim() == 4:
             t[name] = _layout(m.to(device=device, dtype=dtype, copy=True), case.layout)
         else:
@@ -151,10 +205,17 @@ def _run(fn: Callable, case: Case, masters: dict, dtype: torch.dtype, device: to
     grad_inputs = [n for n in _GRAD_NAMES if t.get(n) is not None]
     for n in grad_inputs:
         t[n].requires_grad_(True)
-    has_residual, residual_bn = OPS[case.op]
+    residual_bn = OPS[case.op][1]
     bn = [t["running_mean"], t["running_var"], t["weight"], t["bias"]]
-    args = [t["input"]] + ([t["residual"]] if has_residual else []) + bn
     kwargs = {"num_batches_tracked": t["num_batches_tracked"]}
+    if case.conv is not None:
+        cv = case.conv
+        args = [t["input"], t["conv_weight"]] + bn
+        kwargs.update(conv_bias=t["conv_bias"], stride=cv.stride, padding=cv.padding,
+                      dilation=cv.dilation, groups=cv.groups, residual=t["residual"],
+                      relu=cv.relu)
+    else:
+        args = [t["input"]] + ([t["residual"]] if case.has_residual else []) + bn
     if residual_bn:
         args += [t["residual_running_mean"], t["residual_running_var"], t["residual_weight"],
                  t["residual_bias"]]

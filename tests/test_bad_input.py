@@ -142,3 +142,52 @@ def test_dual_cumulative_average_with_unequal_counters_changes_nothing():
                                             num_batches_tracked=count,
                                             residual_num_batches_tracked=rcount)
     assert count.item() == 2 and rcount.item() == 3
+
+
+def _conv_call(**over):
+    a = dict(input=torch.randn(2, C, 6, 6, device=DEVICE),
+             conv_weight=torch.randn(8, C, 3, 3, device=DEVICE),
+             running_mean=torch.zeros(8, device=DEVICE), running_var=torch.ones(8, device=DEVICE),
+             training=True, padding=1)
+    a.update(over)
+    return functional.conv_bn_relu(**a)
+
+
+@pytest.mark.parametrize(
+    "over,error,pattern",
+    [
+        (dict(input=torch.randn(2, C, 6)), ValueError, r"input must be 4-D.*got 3-D"),
+        (dict(conv_weight=torch.randn(8, C, 3)), ValueError,
+         r"conv_weight must be 4-D \(out_channels, in_channels / groups, kH, kW\)"),
+        (dict(conv_weight=torch.randn(8, C + 1, 3, 3)), ValueError,
+         r"conv_weight of shape \(8, 5, 3, 3\) expects 5 input channels with groups=1, but "
+         r"input has 4"),
+        (dict(conv_weight=torch.randn(8, 2, 3, 3), groups=3), ValueError,
+         r"must both be divisible by groups \(3\)"),
+        (dict(conv_weight=torch.randn(8, C, 3, 3, dtype=torch.float64)), TypeError,
+         r"conv_weight has dtype torch.float64 but input has dtype torch.float32"),
+        (dict(conv_weight=torch.randn(8, C, 3, 3, device="meta")), ValueError,
+         r"conv_weight is on meta but input is on"),
+        (dict(stride=(1, 1, 1)), ValueError, r"stride must be an int or a pair of ints"),
+        (dict(stride=0), ValueError, r"stride must be >= 1, got 0"),
+        (dict(padding=-1), ValueError, r"padding must be >= 0, got -1"),
+        (dict(dilation=[1, 0]), ValueError, r"dilation must be >= 1"),
+        (dict(padding=0, input=torch.randn(2, C, 2, 2)), ValueError,
+         r"input of spatial size \(2, 2\) is too small for conv_weight"),
+        (dict(running_mean=torch.zeros(C)), ValueError, r"running_mean must have shape \(8,\)"),
+        (dict(conv_bias=torch.zeros(C)), ValueError, r"conv_bias must have shape \(8,\)"),
+        (dict(residual=torch.randn(2, 8, 5, 5)), ValueError,
+         r"residual must have the conv output's shape \(2, 8, 6, 6\), got \(2, 8, 5, 5\)"),
+        (dict(residual=torch.randn(2, 8, 6, 6), defer=True), ValueError,
+         r"defer=True .* residual must be None"),
+        (dict(input=torch.randn(1, C, 1, 1), padding=1), ValueError,
+         r"Expected more than 1 value per channel when training"),
+        (dict(backend="tpu"), ValueError, r"unknown backend \(backend='tpu'\)"),
+    ],
+    ids=lambda v: v.__name__ if isinstance(v, type) else None,
+)
+def test_conv_bad_input_names_the_argument(over, error, pattern):
+    over = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) and v.device.type != "meta" else v
+            for k, v in over.items()}
+    with pytest.raises(error, match=pattern):
+        _conv_call(**over)

@@ -19,10 +19,10 @@ def test_verify_prints_a_table_and_passes(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     lines = res.stdout.splitlines()
     assert lines[0].split()[:6] == ["op", "backend", "dtype", "layout", "shape", "mode"]
-    # 3 ops x 2 dtypes x 2 layouts x 2 shapes x (train, eval)
-    assert lines[-1] == "48 passed, 0 failed"
+    # 4 ops x 2 dtypes x 2 layouts x 2 shapes x (train, eval)
+    assert lines[-1] == "64 passed, 0 failed"
     rows = json.loads(out.read_text())
-    assert len(rows) == 48 and all(r["passed"] for r in rows)
+    assert len(rows) == 64 and all(r["passed"] for r in rows)
 
 
 def test_verify_bad_usage_exits_2():

@@ -9,6 +9,7 @@ from resnet_fast import functional, ops
 from conftest import DEVICE
 
 BACKENDS = [b for b in resnet_fast.available_backends(DEVICE) if b != "reference"]
+INTERPRETED = DEVICE.type == "cpu"  # the triton backend runs under Triton's interpreter
 
 
 def _bn_act_args(mode, training, track, backend, dtype=torch.float32, memory_format=None,
@@ -132,6 +133,131 @@ def test_compile_fullgraph(backend):
     expected.sum().backward()
     torch.testing.assert_close(out, expected)
     expected_grads = [x.grad, r.grad, s.grad] + [t.grad for st in eager_states for t in st[2:]]
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e)
+    for st, est in zip(states, eager_states):
+        torch.testing.assert_close(st[0], est[0])
+        torch.testing.assert_close(st[1], est[1])
+
+
+def _conv_bn_act_args(backend, mode, requires_grad=True, dtype=torch.float32,
+                      memory_format=torch.channels_last):
+    """Arguments of resnet_fast::conv_bn_act; ``mode`` names the path: 'train', 'eval',
+    'eval_inference' (no autograd: the one-pass path), 'defer', 'prologue' (input normalised
+    on load), 'residual' (training, + conv bias + residual, no ReLU)."""
+    torch.manual_seed(0)
+    Cin, Cout = 4, 6
+    acc = ops.acc_dtype_of(dtype)
+    grad = requires_grad and mode != "eval_inference"
+    x = torch.randn(2, Cin, 5, 5, dtype=dtype, device=DEVICE).contiguous(
+        memory_format=memory_format).requires_grad_(grad)
+    w = (torch.randn(Cout, Cin, 3, 3, dtype=dtype, device=DEVICE) / 6).requires_grad_(grad)
+
+    def per_channel(C, offset, needs_grad):
+        return (torch.rand(C, dtype=acc, device=DEVICE) + offset).requires_grad_(
+            needs_grad and grad)
+
+    prologue = [None, None, None]
+    if mode == "prologue":
+        prologue = [per_channel(Cin, 0.5, True), per_channel(Cin, -0.5, True),
+                    torch.stack([torch.randn(Cin, dtype=acc, device=DEVICE) * 0.1,
+                                 torch.rand(Cin, dtype=acc, device=DEVICE) + 0.5])]
+    residual = mode == "residual"
+    conv_bias = (torch.randn(Cout, dtype=dtype, device=DEVICE).requires_grad_(grad)
+                 if residual else None)
+    r = (torch.randn(2, Cout, 3, 3, dtype=dtype, device=DEVICE).contiguous(
+        memory_format=memory_format).requires_grad_(grad) if residual else None)
+    training = mode not in ("eval", "eval_inference")
+    return (x, w, conv_bias, [2, 2], [1, 1], [1, 1], 1, *prologue, True, True,
+            per_channel(Cout, 0.5, True), per_channel(Cout, -0.5, True),
+            per_channel(Cout, -0.5, False), per_channel(Cout, 0.5, False), r,
+            training, 0.1, 1e-5, not residual, mode == "defer", mode != "eval_inference",
+            backend)
+
+
+CONV_MODES = ["train", "eval", "eval_inference", "defer", "prologue", "residual"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", CONV_MODES)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_opcheck_conv_bn_act(backend, mode, memory_format):
+    torch.library.opcheck(ops.conv_bn_act, _conv_bn_act_args(backend, mode,
+                                                              memory_format=memory_format))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["train", "eval", "defer", "prologue", "residual"])
+def test_opcheck_conv_bn_act_backward(backend, mode):
+    args = _conv_bn_act_args(backend, mode, requires_grad=False)
+    out, raw, save_stats, _ = ops.conv_bn_act(*args)
+    (x, w, cb, stride, padding, dilation, groups, iw, ib, ist, ibs, irelu, bw, bb, _rm, _rv, r,
+     batch_stats, _m, _eps, relu, defer, _save_raw, _backend) = args
+    torch.library.opcheck(ops.conv_bn_act_backward, (
+        torch.randn_like(out), x, w, cb is not None, stride, padding, dilation, groups, iw, ib,
+        ist, ibs, irelu, bw, bb, r, raw, save_stats, batch_stats, relu, defer, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training,track", [(True, True), (False, True), (False, False)])
+@pytest.mark.parametrize("deferred_input", [False, True])
+def test_gradcheck_conv_bn_relu_float64(backend, training, track, deferred_input):
+    """float64 gradcheck of conv_bn_relu (conv bias, residual, stride 2, groups 2) for input,
+    conv weight and bias, BatchNorm weight and bias and residual; with ``deferred_input`` the
+    input is a DeferredBatchNorm (normalised on load), checked through its producer."""
+    torch.manual_seed(0)
+    kw = dict(dtype=torch.float64, device=DEVICE)
+    x = (torch.randn(2, 4, 5, 5, **kw) + 0.2).requires_grad_()
+    w = (torch.randn(6, 2, 3, 3, **kw) / 3).requires_grad_()
+    cb = torch.randn(6, **kw).requires_grad_()
+    bw, bb = (torch.rand(6, **kw) + 0.5).requires_grad_(), torch.randn(6, **kw).requires_grad_()
+    r = torch.randn(2, 6, 3, 3, **kw).requires_grad_()
+    w0 = (torch.randn(4, 4, 1, 1, **kw) / 2).requires_grad_()
+    g0, b0 = (torch.rand(4, **kw) + 0.5).requires_grad_(), torch.randn(4, **kw).requires_grad_()
+    stats = (torch.randn(6, **kw) * 0.1, torch.rand(6, **kw) + 0.5) if track else (None, None)
+
+    def f(x, w, cb, bw, bb, r, w0, g0, b0):
+        a = x
+        if deferred_input:
+            a = functional.conv_bn_relu(x, w0, None, None, g0, b0, True, defer=True,
+                                        backend=backend)
+        rm, rv = (None, None) if stats[0] is None else (stats[0].clone(), stats[1].clone())
+        return functional.conv_bn_relu(a, w, rm, rv, bw, bb, training, conv_bias=cb, stride=2,
+                                       padding=1, groups=2, residual=r, backend=backend)
+
+    # Triton's interpreter runs each call in Python: the fast (random projection) mode there.
+    assert torch.autograd.gradcheck(f, (x, w, cb, bw, bb, r, w0, g0, b0), eps=1e-6, atol=1e-5,
+                                    fast_mode=INTERPRETED and backend == "triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_conv_chain_fullgraph(backend):
+    """conv -> deferred BN + ReLU -> conv -> BN + residual + ReLU compiles with no graph break
+    and matches eager: output, gradients, running statistics."""
+    torch.manual_seed(0)
+
+    def chain(x, w1, w2, bn1, bn2):
+        a = functional.conv_bn_relu(x, w1, *bn1, True, padding=1, defer=True, backend=backend)
+        return functional.conv_bn_relu(a, w2, *bn2, True, padding=1, residual=x,
+                                       backend=backend)
+
+    def state():
+        return [torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE),
+                (torch.rand(4, device=DEVICE) + 0.5).requires_grad_(),
+                torch.randn(4, device=DEVICE).requires_grad_()]
+
+    x = torch.randn(2, 4, 5, 5, device=DEVICE).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    w1, w2 = ((torch.randn(4, 4, 3, 3, device=DEVICE) / 6).requires_grad_() for _ in range(2))
+    states = [state(), state()]
+    eager_states = [[t.detach().clone().requires_grad_(t.requires_grad) for t in st]
+                    for st in states]
+    out = torch.compile(chain, fullgraph=True)(x, w1, w2, *states)
+    grads = torch.autograd.grad(out.sum(), [x, w1, w2] + [t for st in states for t in st[2:]])
+    expected = chain(x, w1, w2, *eager_states)
+    expected_grads = torch.autograd.grad(expected.sum(), [x, w1, w2] + [
+        t for st in eager_states for t in st[2:]])
+    torch.testing.assert_close(out, expected)
     for g, e in zip(grads, expected_grads):
         torch.testing.assert_close(g, e)
     for st, est in zip(states, eager_states):

@@ -17,11 +17,8 @@
 import dataclasses
 import json
 import os
-import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -31,6 +28,8 @@ import torch.nn.functional as F
 triton = pytest.importorskip("triton", reason="Triton is not installed")
 
 from resnet_fast.triton import bn_act  # noqa: E402  (after the Triton check)
+from _triton_aot import (  # noqa: E402  (tests/_triton_aot.py)
+    TYPE_NAMES, _compile_spec, _cuobjdump, _resource_usage)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda")
@@ -278,8 +277,6 @@ AOT_SHAPES = RESNET50_BN if AOT_ALL else [(64, 112), (256, 56), (2048, 7)]
 AOT_TRAINING = (True, False) if AOT_ALL else (True,)
 ARCHS = (80, 90)
 ARCH_SHARED_LIMIT = {80: 164 * 1024, 90: 228 * 1024}
-TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-              torch.float64: "fp64"}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -302,42 +299,6 @@ def _launches(shape, channels_last, dtype):
         bn_act.backward(torch.empty_like(x), x, pc[0], pc[1], torch.empty_like(x), pc[4], pc[5],
                         save_stats, True, training, True)
     return calls
-
-
-def _compile_spec(kernel, args, constexprs):
-    """(signature, constexprs, attrs) as Triton's launcher specialises them: integers equal to
-    1 become constants, pointers and integers divisible by 16 carry tt.divisibility."""
-    signature, consts, attrs = {}, {}, {}
-    values = list(args) + [constexprs[n] for n in kernel.arg_names[len(args):]]
-    for i, (name, value) in enumerate(zip(kernel.arg_names, values)):
-        if name in constexprs or (type(value) is int and value == 1):
-            signature[name], consts[name] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[name] = "*" + TYPE_NAMES[value.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, float):
-            signature[name] = "fp64"  # annotated tl.float64 in the kernels
-        else:
-            signature[name] = "i32"
-            if value % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return signature, consts, attrs
-
-
-def _cuobjdump():
-    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    return str(bundled) if bundled.is_file() else shutil.which("cuobjdump")
-
-
-def _resource_usage(cubin):
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name],
-                              capture_output=True, text=True, check=True).stdout
-    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
-    assert usage, text
-    return dict(zip(("REG", "STACK", "SHARED", "LOCAL"), map(int, usage.groups())))
 
 
 def aot_report(arch):

@@ -323,19 +323,21 @@ struct BackwardApply {
   scalar_t* dx;
   scalar_t* dr;
   Affine<kChannelsLast, acc_t> a;
-  ChannelArray<kChannelsLast, acc_t> k_g, k_x, k_c, r_k_g, r_k_x, r_k_c;
+  ChannelArray<kChannelsLast, acc_t> mean, r_mean, k_g, k_x, k_c, r_k_g, r_k_x, r_k_c;
   bool relu;
   template <typename T>
   void apply(int64_t e, int64_t j) const {
     T r_value;
     const T g = masked_grad<kMode>(a, dy, x, r, relu, e, j, &r_value);
-    store_as(dx + e, bn_input_grad(g, load_as<T>(x + e), k_g.template get<T>(j),
-                                   k_x.template get<T>(j), k_c.template get<T>(j)));
+    store_as(dx + e, bn_input_grad(g, load_as<T>(x + e), mean.template get<T>(j),
+                                   k_g.template get<T>(j), k_x.template get<T>(j),
+                                   k_c.template get<T>(j)));
     if constexpr (kMode == kAddResidual) {
       store_as(dr + e, g);
     } else if constexpr (kMode == kBatchNormResidual) {
-      store_as(dr + e, bn_input_grad(g, r_value, r_k_g.template get<T>(j),
-                                     r_k_x.template get<T>(j), r_k_c.template get<T>(j)));
+      store_as(dr + e, bn_input_grad(g, r_value, r_mean.template get<T>(j),
+                                     r_k_g.template get<T>(j), r_k_x.template get<T>(j),
+                                     r_k_c.template get<T>(j)));
     }
   }
 };
@@ -348,9 +350,12 @@ bool is_channels_last(const at::Tensor& x) {
 
 void check_activation(const char* name, const at::Tensor& t, const at::Tensor& x) {
   TORCH_CHECK(t.device().is_cpu(), "resnet_fast cpu backend: ", name, " must be on the CPU");
-  TORCH_CHECK(t.sizes() == x.sizes() && t.strides() == x.strides() &&
-                  t.scalar_type() == x.scalar_type(),
-              "resnet_fast cpu backend: ", name, " must have input's shape, strides and dtype");
+  // Same dense layout as x (strides of size-1 dimensions do not matter: the kernels address
+  // elements from the sizes and the layout alone).
+  const bool same_layout = is_channels_last(x) ? t.is_contiguous(at::MemoryFormat::ChannelsLast)
+                                               : t.is_contiguous();
+  TORCH_CHECK(t.sizes() == x.sizes() && same_layout && t.scalar_type() == x.scalar_type(),
+              "resnet_fast cpu backend: ", name, " must have input's shape, layout and dtype");
 }
 
 Shape shape_of(const at::Tensor& x) {
@@ -606,7 +611,7 @@ bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::T
       constexpr int kMode = decltype(mode_c)::value;
       constexpr bool kCL = decltype(cl_c)::value;
       const BackwardApply<kMode, kCL, acc_t, scalar_t> f{
-          dyp, xp, rp, dxp, drp, as_layout<kCL>(affine_view(aff, C)),
+          dyp, xp, rp, dxp, drp, as_layout<kCL>(affine_view(aff, C)), {stats}, {stats + 2 * C},
           {k}, {k + C}, {k + 2 * C}, {k + 3 * C}, {k + 4 * C}, {k + 5 * C}, relu};
       for_each_element<kCL, acc_t>(s, f);
     });

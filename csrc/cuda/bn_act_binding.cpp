@@ -60,9 +60,12 @@ ActivationShape activation_shape(const at::Tensor& x) {
 void check_like_input(const char* name, const at::Tensor& t, const at::Tensor& x) {
   RF_CHECK(t.device() == x.device(), name, " must be on the input's device ", x.device(),
            ", got ", t.device());
-  RF_CHECK(t.sizes() == x.sizes() && t.strides() == x.strides() &&
-               t.scalar_type() == x.scalar_type(),
-           name, " must have the input's shape, strides and dtype");
+  // Same dense layout as x (strides of size-1 dimensions do not matter: the kernels address
+  // elements from the sizes and the layout alone).
+  const bool same_layout = is_channels_last(x) ? t.is_contiguous(at::MemoryFormat::ChannelsLast)
+                                               : t.is_contiguous();
+  RF_CHECK(t.sizes() == x.sizes() && same_layout && t.scalar_type() == x.scalar_type(),
+           name, " must have the input's shape, layout and dtype");
 }
 
 void check_per_channel(const char* name, const at::Tensor& t, const at::Tensor& x) {

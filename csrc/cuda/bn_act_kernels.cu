@@ -435,7 +435,7 @@ struct BackwardSumsOp : BackwardOpBase<T, kMode> {
   }
 };
 
-// Backward, elementwise pass: dx = g*k_g + x*k_x + k_c, and the residual's gradient (g for a
+// Backward, elementwise pass: dx = g*k_g + (x - mean)*k_x + k_c, and the residual's gradient (g for a
 // plain add, the same affine form with its own coefficients when BatchNorm'ed). Its prologue
 // writes the weight and bias gradients. Outputs: dx [, dr].
 template <typename T, int kMode>
@@ -447,6 +447,7 @@ struct BackwardApplyOp : BackwardOpBase<T, kMode> {
   static constexpr int kOutputs = kMode == kNoResidual ? 1 : 2;
   struct Channel {
     ChannelAffine<kMode, acc_t> affine;
+    acc_t mean[kBranches];
     acc_t k_g[kBranches];
     acc_t k_x[kBranches];
     acc_t k_c[kBranches];
@@ -471,6 +472,7 @@ struct BackwardApplyOp : BackwardOpBase<T, kMode> {
       const acc_t sum_gc = totals[1 + b];
       bn_backward_coeffs(m, sum_g, sum_gc, mean, invstd, w, batch_stats, &ch.k_g[b], &ch.k_x[b],
                          &ch.k_c[b]);
+      ch.mean[b] = mean;
       if (write_outputs) {
         grad_weight[b][c] = bn_weight_grad(sum_gc, invstd);
         grad_bias[b][c] = sum_g;
@@ -481,10 +483,11 @@ struct BackwardApplyOp : BackwardOpBase<T, kMode> {
   __device__ __forceinline__ void apply(const Channel& ch, const acc_t (&v)[kInputs],
                                         acc_t (&out)[kOutputs]) const {
     const acc_t g = this->masked_grad(ch.affine, v);
-    out[0] = bn_input_grad(g, v[1], ch.k_g[0], ch.k_x[0], ch.k_c[0]);
+    out[0] = bn_input_grad(g, v[1], ch.mean[0], ch.k_g[0], ch.k_x[0], ch.k_c[0]);
     if constexpr (kMode == kAddResidual) out[kOutputs - 1] = g;
     if constexpr (kMode == kBatchNormResidual) {
-      out[kOutputs - 1] = bn_input_grad(g, this->residual_of(v), ch.k_g[1], ch.k_x[1], ch.k_c[1]);
+      out[kOutputs - 1] =
+          bn_input_grad(g, this->residual_of(v), ch.mean[1], ch.k_g[1], ch.k_x[1], ch.k_c[1]);
     }
   }
 };

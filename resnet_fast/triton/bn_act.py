@@ -17,8 +17,9 @@ Training also gives nn.BatchNorm2d's running update:
 Backward, with g = dy * [pre-activation > 0] (the ReLU mask recomputed from x, r and the saved
 statistics):
     grad_bias = sum(g),  grad_weight = invstd * sum(g * (x - mean))
-    dx = g * k_g + x * k_x + k_c  with  k_g = w * invstd and, for batch statistics,
-        k_x = -k_g * invstd^2 * sum(g * (x - mean)) / m,   k_c = -k_g * sum(g) / m - k_x * mean
+    dx = g * k_g + (x - mean) * k_x + k_c  with  k_g = w * invstd and, for batch statistics,
+        k_x = -k_g * invstd^2 * sum(g * (x - mean)) / m,   k_c = -k_g * sum(g) / m
+    (centring x first keeps dx accurate when the mean is large against the spread)
     (k_x = k_c = 0 for fixed statistics), and the same with the residual's own statistics and
     weight for the gradient of a BatchNorm'ed residual (a plain residual's gradient is g).
 
@@ -394,13 +395,13 @@ def bn_act_bwd_reduce_kernel(
 
 @triton.jit
 def _bwd_coeffs(sum_g, sum_gc, mean, invstd, w, m, BATCH_STATS: tl.constexpr):
-    """(k_g, k_x, k_c) of dx = g * k_g + x * k_x + k_c (bn_backward_coeffs)."""
+    """(k_g, k_x, k_c) of dx = g * k_g + (x - mean) * k_x + k_c (bn_backward_coeffs)."""
     k_g = w * invstd
     if BATCH_STATS:
         mean_g = sum_g / m
         mean_gxhat_invstd = sum_gc * invstd * invstd / m
         k_x = -k_g * mean_gxhat_invstd
-        k_c = -k_g * mean_g + k_g * mean_gxhat_invstd * mean
+        k_c = -k_g * mean_g
     else:
         k_x = tl.zeros_like(k_g)
         k_c = tl.zeros_like(k_g)
@@ -412,13 +413,15 @@ def _branch_backward_constants(save_stats_ptr, weight_ptr, bias_ptr, grad_weight
                                grad_bias_ptr, branch, sum_g, sum_gc, m, c, c_mask, store_mask, C,
                                CHANNELS_LAST: tl.constexpr, BATCH_STATS: tl.constexpr):
     """One BatchNorm branch's per-channel backward constants, laid out for the tile:
-    (k_g, k_x, k_c, scale, shift); its weight and bias gradients are stored where store_mask."""
+    (mean, k_g, k_x, k_c, scale, shift); its weight and bias gradients are stored where
+    store_mask."""
     mean, invstd, w, scale, shift = _load_scale_shift(save_stats_ptr, weight_ptr, bias_ptr,
                                                       branch, c, c_mask, C)
     tl.store(grad_weight_ptr + c, sum_gc * invstd, mask=store_mask)
     tl.store(grad_bias_ptr + c, sum_g, mask=store_mask)
     k_g, k_x, k_c = _bwd_coeffs(sum_g, sum_gc, mean, invstd, w, m, BATCH_STATS)
-    return (_per_channel(k_g, CHANNELS_LAST), _per_channel(k_x, CHANNELS_LAST),
+    return (_per_channel(mean, CHANNELS_LAST), _per_channel(k_g, CHANNELS_LAST),
+            _per_channel(k_x, CHANNELS_LAST),
             _per_channel(k_c, CHANNELS_LAST), _per_channel(scale, CHANNELS_LAST),
             _per_channel(shift, CHANNELS_LAST))
 
@@ -452,18 +455,19 @@ def bn_act_bwd_apply_kernel(
                           BLOCK_C)
     sum_gx = _sum_partials(partials_ptr, 1, c, c_mask, C, num_partials, NUM_SUMS, PARTIAL_CHUNK,
                            BLOCK_C)
-    k_g, k_x, k_c, scale, shift = _branch_backward_constants(
+    mean, k_g, k_x, k_c, scale, shift = _branch_backward_constants(
         save_stats_ptr, weight_ptr, bias_ptr, grad_weight_ptr, grad_bias_ptr, 0, sum_g, sum_gx,
         m, c, c_mask, store_mask, C, CHANNELS_LAST, BATCH_STATS)
     r_scale = scale  # placeholders unless the residual is BatchNorm'ed
     r_shift = shift
+    r_mean = mean
     rk_g = k_g
     rk_x = k_x
     rk_c = k_c
     if RESIDUAL_MODE == 2:
         sum_gr = _sum_partials(partials_ptr, 2, c, c_mask, C, num_partials, NUM_SUMS,
                                PARTIAL_CHUNK, BLOCK_C)
-        rk_g, rk_x, rk_c, r_scale, r_shift = _branch_backward_constants(
+        r_mean, rk_g, rk_x, rk_c, r_scale, r_shift = _branch_backward_constants(
             save_stats_ptr, residual_weight_ptr, residual_bias_ptr, grad_residual_weight_ptr,
             grad_residual_bias_ptr, 1, sum_g, sum_gr, m, c, c_mask, store_mask, C,
             CHANNELS_LAST, BATCH_STATS)
@@ -483,7 +487,7 @@ def bn_act_bwd_apply_kernel(
             pre = _pre_activation(x, r, scale, shift, r_scale, r_shift, RESIDUAL_MODE)
             g = tl.where(pre > 0.0, g, 0.0)
         if BATCH_STATS:
-            dx = g * k_g + x * k_x + k_c
+            dx = g * k_g + (x - mean) * k_x + k_c
         else:
             dx = g * k_g
         tl.store(grad_input_ptr + base + offs, dx.to(grad_input_ptr.dtype.element_ty), mask=mask)
@@ -492,7 +496,7 @@ def bn_act_bwd_apply_kernel(
                      mask=mask)
         elif RESIDUAL_MODE == 2:
             if BATCH_STATS:
-                dr = g * rk_g + r * rk_x + rk_c
+                dr = g * rk_g + (r - r_mean) * rk_x + rk_c
             else:
                 dr = g * rk_g
             tl.store(grad_residual_ptr + base + offs, dr.to(grad_residual_ptr.dtype.element_ty),

@@ -1,0 +1,796 @@
+"""Benchmark of the fused conv + BatchNorm (+ add) + ReLU layer, ``functional.conv_bn_relu``.
+
+Layers: every conv of ResNet-50 with the BatchNorm behind it, deduplicated, each with ``count``,
+how many times it occurs in the network: the stem (7x7/2, 3->64, ReLU); per stage the 1x1
+reduce, the 3x3 (stride 2 in the first block of stages 2-4), the 1x1 expand that ends the block
+(BatchNorm + add of the shortcut + ReLU) and, in the first block, the 1x1 downsample conv of the
+shortcut (BatchNorm, no ReLU). Then the 3x3 layers of ResNet-18 (``conv1`` with ReLU,
+``conv2`` with the shortcut add + ReLU). Layer names are ``r50.s<stage>.<conv>`` and
+``r18.s<stage>.<conv>``; ``.b0`` marks a layer only the first block of a stage has, ``s2`` a
+stride-2 conv (``--list-layers`` prints them). Spatial sizes follow the network from the input
+image (``--image``): 224 gives the 112/56/28/14/7 of ImageNet, 64 gives 32/16/8/4/2.
+
+Providers, all measured in the same run on the same input values:
+
+``eager``        ``reference.conv_bn_relu``: ``F.conv2d``, ``F.batch_norm``, add and ``F.relu``
+                 as separate ops, in the layout under test (``--layout``);
+``eager_nchw`` / ``eager_cl``
+                 the same eager code in the other layout (input, weights, residual and gradient
+                 converted), so that ``best_eager`` is the faster eager layout; measured by
+                 default on the CPU, where the targets compare against it;
+``compile``      ``torch.compile`` (default mode) of the eager function, compiled once per
+                 (layer, mode) after ``torch._dynamo.reset()``; the compiling first call is
+                 outside the timing (its wall time is the row's ``first_call_s``), and a
+                 recompilation during the timed calls is reported;
+``conv_only``    ``F.conv2d`` alone (with its backward in training): the cost of the conv that
+                 the fused layer must hide its BatchNorm, add and ReLU behind; measured by
+                 default on CUDA, where the eval target is fused time <= conv alone;
+``cpu``, ``triton``, ``cuda``
+                 ``functional.conv_bn_relu(..., backend=...)``, each resnet_fast backend
+                 available on the device. ``cuda`` (CUTLASS) takes float16/bfloat16 with channel
+                 counts that are multiples of 8; other layers and dtypes are skipped, saying why.
+
+A provider that raises on a layer is reported (``FAILED``, and under ``failed`` in the JSON),
+left out of the rows, and the run goes on; the exit status is then 1.
+
+Modes (``--modes``):
+
+``eval``           ``torch.no_grad()``, running statistics; resnet_fast takes its one-pass path
+                   with the BatchNorm folded into the conv (oneDNN conv + bias (+ add) (+ ReLU)
+                   on the CPU, whose folded, prepacked weight is cached per parameter version,
+                   so it is made in the untimed first call, as a model in eval makes it once;
+                   one conv launch with the BatchNorm in its epilogue on a GPU);
+``train``          training forward (batch statistics, running statistics updated) + backward
+                   (``torch.autograd.grad``) giving every gradient the layer has in the network:
+                   input (not for the stem, whose input is the image), conv weight, BatchNorm
+                   weight and bias, and the residual; the output's gradient is the same random
+                   tensor for every provider, with the strides of the provider's output;
+``train_deferred`` for the layers that are not the first conv of their block (ResNet-50's 3x3
+                   and expand, ResNet-18's conv2), the layer as the model runs it in training:
+                   its input is the previous layer's BatchNorm + ReLU, not yet applied.
+                   Timed for resnet_fast: one ``conv_bn_relu`` call whose input is a
+                   ``DeferredBatchNorm`` (the previous conv's output ``raw_prev``, its batch
+                   statistics, that BatchNorm's weight and bias; normalised + ReLU'd as the conv
+                   loads it) + its backward, with the gradients of ``train`` plus those of
+                   ``raw_prev`` and the previous BatchNorm's weight and bias. The batch
+                   statistics of ``raw_prev`` are computed once before timing: in the model the
+                   previous layer computes them (in its conv's epilogue on ``triton``/``cuda``,
+                   with a separate reduction on ``cpu``) and that cost is not in this row.
+                   Timed for eager/compile: ``relu(batch_norm(raw_prev))`` of the previous layer
+                   (batch statistics, running statistics updated) followed by this layer's
+                   conv + BatchNorm (+ add) + ReLU, forward + backward, the same gradients.
+
+Every row gives median/min/max ms over ``--repeat`` timed calls (after warm-up calls) and the
+speed-ups ``vs_eager``, ``vs_best_eager`` (faster eager layout), ``vs_compile``,
+``vs_best_baseline`` (fastest of the eager layouts and compile) and ``vs_conv_only``, each the
+baseline's median time over the row's (> 1: the row is faster), and ``max_rel_err``, how far
+the provider's output (of its first call) is from eager's, relative to eager's largest value; a
+warning is printed where it exceeds what rounding explains. The summary gives, per network
+(ResNet-50, ResNet-18 3x3, all measured layers), mode and provider, the geometric mean of
+those ratios over layers, weighted by ``count`` and unweighted, and the median over layers of
+``vs_conv_only``; ``train (model)`` takes each layer as the model trains it (``train_deferred``
+where the layer has it, else ``train``). Then the targets, judged on all measured layers
+weighted by count:
+
+* CPU eval: resnet_fast >= 1.15x the fastest of eager NCHW, eager channels_last and compile;
+* CPU training: >= 1.2x the faster eager layout;
+* GPU eval: fused conv + BN + ReLU time <= ``conv_only`` (unweighted median over layers of
+  the ratio);
+* GPU training: >= 1.25x eager and >= 1.05x compile;
+
+training judged both on ``train (model)`` and on ``train``.
+
+    python benchmarks/bench_conv_bn_act.py                # CPU: float32, channels_last, 16x64x64
+    python benchmarks/bench_conv_bn_act.py --device cuda  # bf16, channels_last, 256x224x224
+    python benchmarks/bench_conv_bn_act.py --quick        # 3 layers, 3 repeats: a smoke test
+
+Results: the printed table and summary, and CSV + JSON (+ a PNG bar plot of the speed-up vs
+eager per layer when matplotlib is installed) in ``benchmarks/results/`` (``--out``), named
+``conv_bn_act_<device>`` (``--tag``), each row naming the device, dtype, layout, shapes and
+versions. On CUDA, ``torch.backends.cudnn.benchmark`` is on (as ResNet training scripts set it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import resnet_fast
+from resnet_fast import functional, ops, reference
+
+from _common import RESULTS, fmt_cell, pyplot, run_name, timer, versions, write_csv, write_json
+
+EPS = 1e-5
+MODES = ("eval", "train", "train_deferred")
+QUICK_LAYERS = ("r50.s1.3x3", "r50.s3.expand", "r50.s4.down")
+OURS = ("cpu", "triton", "cuda", "reference")
+
+
+# ----------------------------------------------------------------------------------- layers
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One conv + BatchNorm (+ add) (+ ReLU) layer; ``size`` is the input's height and width."""
+
+    name: str
+    network: str
+    cin: int
+    cout: int
+    kernel: int
+    stride: int
+    size: int
+    relu: bool = True
+    residual: bool = False
+    deferred: bool = False  # not the first conv of its block: trained with a deferred input
+    count: int = 1
+
+    @property
+    def padding(self) -> int:
+        return self.kernel // 2
+
+    @property
+    def out_size(self) -> int:
+        return conv_out(self.size, self.kernel, self.stride, self.padding)
+
+    def in_shape(self, batch: int) -> tuple[int, int, int, int]:
+        return batch, self.cin, self.size, self.size
+
+    def out_shape(self, batch: int) -> tuple[int, int, int, int]:
+        return batch, self.cout, self.out_size, self.out_size
+
+    @property
+    def conv(self) -> str:
+        """e.g. ``3x3/2 128>128 +add``."""
+        s = f"{self.kernel}x{self.kernel}/{self.stride} {self.cin}>{self.cout}"
+        return s + (" +add" if self.residual else "") + ("" if self.relu else " norelu")
+
+
+def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+class _Dedup:
+    """Layers in order of first occurrence, counting repeats of the same name."""
+
+    def __init__(self, network: str):
+        self.network = network
+        self.layers: dict[str, Layer] = {}
+
+    def add(self, name, cin, cout, kernel, stride, size, **kw) -> None:
+        layer = Layer(name, self.network, cin, cout, kernel, stride, size, **kw)
+        seen = self.layers.get(name)
+        if seen is None:
+            self.layers[name] = layer
+            return
+        assert seen == Layer(**{**layer.__dict__, "count": seen.count}), (seen, layer)
+        self.layers[name] = Layer(**{**seen.__dict__, "count": seen.count + 1})
+
+
+def _stage_input_size(image: int) -> int:
+    """Input size of stage 1: after the 7x7/2 stem and the 3x3/2 max-pool (padding 1)."""
+    return conv_out(conv_out(image, 7, 2, 3), 3, 2, 1)
+
+
+def resnet50_layers(image: int) -> list[Layer]:
+    net = _Dedup("resnet50")
+    net.add("r50.stem", 3, 64, 7, 2, image)
+    size, inplanes = _stage_input_size(image), 64
+    for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3)), 1):
+        for block in range(blocks):
+            stride = 2 if stage > 1 and block == 0 else 1
+            b0 = ".b0" if block == 0 else ""
+            out = conv_out(size, 3, stride, 1)
+            net.add(f"r50.s{stage}.reduce{b0}", inplanes, planes, 1, 1, size)
+            net.add(f"r50.s{stage}.3x3{'s2' if stride == 2 else ''}", planes, planes, 3, stride,
+                    size, deferred=True)
+            net.add(f"r50.s{stage}.expand", planes, planes * 4, 1, 1, out, residual=True,
+                    deferred=True)
+            if block == 0:
+                net.add(f"r50.s{stage}.down", inplanes, planes * 4, 1, stride, size, relu=False)
+            size, inplanes = out, planes * 4
+    return list(net.layers.values())
+
+
+def resnet18_3x3_layers(image: int) -> list[Layer]:
+    net = _Dedup("resnet18")
+    size, inplanes = _stage_input_size(image), 64
+    for stage, planes in enumerate((64, 128, 256, 512), 1):
+        for block in range(2):
+            stride = 2 if stage > 1 and block == 0 else 1
+            out = conv_out(size, 3, stride, 1)
+            net.add(f"r18.s{stage}.conv1{'s2' if stride == 2 else ''}", inplanes, planes, 3,
+                    stride, size)
+            net.add(f"r18.s{stage}.conv2", planes, planes, 3, 1, out, residual=True,
+                    deferred=True)
+            size, inplanes = out, planes
+    return list(net.layers.values())
+
+
+def all_layers(image: int) -> list[Layer]:
+    return resnet50_layers(image) + resnet18_3x3_layers(image)
+
+
+def select_layers(layers: list[Layer], patterns: Optional[str]) -> list[Layer]:
+    """The layers whose name matches one of the comma-separated glob patterns or contains it."""
+    if not patterns:
+        return layers
+    pats = [p.strip() for p in patterns.split(",") if p.strip()]
+    return [lay for lay in layers if any(fnmatch.fnmatchcase(lay.name, p) or p in lay.name
+                                         for p in pats)]
+
+
+# ----------------------------------------------------------------------------------- inputs
+
+
+class Tensors:
+    """One layer's tensors in one memory format. Activations and the conv weight are in that
+    format; the per-channel BatchNorm tensors are float32 (float64 for float64), as under
+    autocast, and shared between the formats."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def to_format(self, fmt: torch.memory_format) -> "Tensors":
+        def conv(t):
+            if t is None or t.dim() != 4:
+                return t
+            return t.detach().contiguous(memory_format=fmt).requires_grad_(t.requires_grad)
+        return Tensors(**{k: conv(v) for k, v in self.__dict__.items()})
+
+
+def make_tensors(layer: Layer, batch: int, dtype, fmt, device, with_prev: bool) -> Tensors:
+    torch.manual_seed(0)
+    acc = ops.acc_dtype_of(dtype)
+
+    def act(shape, grad=True, scale=1.0, shift=0.0):
+        t = torch.randn(shape, device=device, dtype=dtype) * scale + shift
+        return t.contiguous(memory_format=fmt).requires_grad_(grad)
+
+    def per_channel(c, kind):
+        if kind == "w":
+            return (torch.rand(c, device=device, dtype=acc) + 0.5).requires_grad_()
+        if kind == "b":
+            return (torch.randn(c, device=device, dtype=acc) * 0.1).requires_grad_()
+        return (torch.zeros if kind == "rm" else torch.ones)(c, device=device, dtype=acc)
+
+    fan_in = layer.cin * layer.kernel ** 2
+    w = (torch.randn(layer.cout, layer.cin, layer.kernel, layer.kernel, device=device,
+                     dtype=dtype) * math.sqrt(2.0 / fan_in))
+    t = Tensors(
+        x=act(layer.in_shape(batch), grad=layer.name != "r50.stem"),
+        w=w.contiguous(memory_format=fmt).requires_grad_(),
+        bw=per_channel(layer.cout, "w"), bb=per_channel(layer.cout, "b"),
+        rm=per_channel(layer.cout, "rm"), rv=per_channel(layer.cout, "rv"),
+        r=act(layer.out_shape(batch)) if layer.residual else None,
+        g=act(layer.out_shape(batch), grad=False),
+        raw_prev=None, prev_stats=None, pw=None, pb=None, prm=None, prv=None,
+    )
+    if with_prev:
+        # The previous conv's output before its BatchNorm, and that BatchNorm.
+        t.raw_prev = act(layer.in_shape(batch), scale=2.0, shift=0.5)
+        t.pw, t.pb = per_channel(layer.cin, "w"), per_channel(layer.cin, "b")
+        t.prm, t.prv = per_channel(layer.cin, "rm"), per_channel(layer.cin, "rv")
+        with torch.no_grad():
+            var, mean = torch.var_mean(t.raw_prev.to(acc), dim=(0, 2, 3), correction=0)
+            t.prev_stats = torch.stack([mean, torch.rsqrt(var + EPS)])
+    return t
+
+
+# ----------------------------------------------------------------------------------- providers
+
+
+def is_eager(provider: str) -> bool:
+    return provider == "eager" or provider.startswith("eager_")
+
+
+def eager_function(layer: Layer, mode: str) -> Callable:
+    """The eager layer (mode ``train_deferred``: preceded by the previous layer's BatchNorm +
+    ReLU) as a function of its tensors, for eager and torch.compile alike."""
+    training = mode != "eval"
+    stride, padding, relu = layer.stride, layer.padding, layer.relu
+
+    def eager(x, w, rm, rv, bw, bb, r, prev):
+        if prev is not None:
+            raw_prev, prm, prv, pw, pb = prev
+            x = reference.batch_norm_relu(raw_prev, prm, prv, pw, pb, True, 0.1, EPS)
+        return reference.conv_bn_relu(x, w, rm, rv, bw, bb, training, 0.1, EPS, residual=r,
+                                      relu=relu, stride=stride, padding=padding)
+
+    return eager
+
+
+def provider_call(provider: str, layer: Layer, mode: str, t: Tensors) -> tuple[Callable, list]:
+    """(fn() -> output, the tensors whose gradients training computes) for one provider."""
+    deferred = mode == "train_deferred"
+    prev = (t.raw_prev, t.prm, t.prv, t.pw, t.pb) if deferred else None
+    if provider == "conv_only":
+        def fn():
+            return F.conv2d(t.x, t.w, None, layer.stride, layer.padding)
+        return fn, [p for p in (t.x, t.w) if p.requires_grad]
+    grads = [t.x] if not deferred and t.x.requires_grad else []
+    if deferred:
+        grads += [t.raw_prev, t.pw, t.pb]
+    grads += [t.w, t.bw, t.bb] + ([t.r] if t.r is not None else [])
+    if is_eager(provider) or provider == "compile":
+        f = eager_function(layer, mode)
+        if provider == "compile":
+            f = torch.compile(f)
+        return (lambda: f(t.x, t.w, t.rm, t.rv, t.bw, t.bb, t.r, prev)), grads
+    training = mode != "eval"
+
+    def ours():
+        x = t.x
+        if deferred:
+            x = functional.DeferredBatchNorm(t.raw_prev, t.prev_stats, t.pw, t.pb, True, EPS,
+                                             provider)
+        return functional.conv_bn_relu(x, t.w, t.rm, t.rv, t.bw, t.bb, training, 0.1, EPS,
+                                       stride=layer.stride, padding=layer.padding, residual=t.r,
+                                       relu=layer.relu, backend=provider)
+    return ours, grads
+
+
+def cuda_backend_skip(layer: Layer, dtype: torch.dtype) -> Optional[str]:
+    """Why the ``cuda`` backend's CUTLASS kernels reject this layer, or None."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        name = str(dtype).replace("torch.", "")
+        return f"dtype {name}: the CUTLASS kernels take float16 or bfloat16"
+    if layer.cin % 8 or layer.cout % 8:
+        return (f"{layer.cin}->{layer.cout} channels: the CUTLASS kernels need multiples of 8 "
+                "in and out")
+    return None
+
+
+def _graphs_compiled() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def measure(provider: str, layer: Layer, mode: str, t: Tensors, time_it,
+            sync: Callable[[], None]) -> tuple[list[float], float, Tensor]:
+    """(seconds per timed call, wall seconds of the first call (compilation for ``compile``),
+    the first call's output)."""
+    if provider == "compile":
+        torch._dynamo.reset()
+    fn, grads = provider_call(provider, layer, mode, t)
+    # The output's gradient: t.g's values with the output's strides, as autograd hands it
+    # over from the next layer (set by the first call).
+    grad_out = []
+    if mode == "eval":
+        def call():
+            with torch.no_grad():
+                return fn()
+    else:
+        def call():
+            out = fn()
+            if not grad_out:
+                grad_out.append(torch.empty_like(out).copy_(t.g))
+            torch.autograd.grad(out, grads, grad_out[0])
+            return out
+    t0 = time.perf_counter()
+    out = call().detach()
+    sync()
+    first = time.perf_counter() - t0
+    graphs = _graphs_compiled()
+    times = time_it(call)
+    if provider == "compile" and _graphs_compiled() != graphs:
+        print(f"  warning: {layer.name} {mode}: torch.compile recompiled during warm-up or "
+              f"timing ({_graphs_compiled() - graphs} more graphs)", file=sys.stderr)
+    return times, first, out
+
+
+def relative_error(out: Tensor, ref: Tensor) -> float:
+    """max |out - ref| / max |ref|."""
+    ref = ref.double() if ref.dtype == torch.float64 else ref.float()
+    return float((out.to(ref.dtype) - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def tolerance(dtype: torch.dtype, device: torch.device) -> float:
+    """The largest relative_error against eager expected from rounding alone (the conv may
+    accumulate in another order, tf32 on CUDA for float32, the BatchNorm folded into it)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return 5e-2
+    if dtype == torch.float32:
+        return 2e-2 if device.type == "cuda" else 1e-3
+    return 1e-9
+
+
+# ----------------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda presets bfloat16, channels_last, batch 256, 224x224")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "float64"],
+                   help="default: float32 on the CPU, bfloat16 on CUDA")
+    p.add_argument("--layout", default="channels_last",
+                   choices=["channels_last", "contiguous", "cl", "nchw"])
+    p.add_argument("--batch", type=int, default=None, help="default: 16 on the CPU, 256 on CUDA")
+    p.add_argument("--image", type=int, default=None,
+                   help="input image size the layer sizes follow (default: 64 CPU, 224 CUDA)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated from {MODES}")
+    p.add_argument("--layers", default=None,
+                   help="comma-separated glob patterns or substrings of layer names, e.g. "
+                        "'r50.s1.*,r18' or '3x3' (see --list-layers)")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated from eager, eager_nchw, eager_cl, compile, conv_only "
+                        "and the backends (default: eager, the other eager layout on the CPU, "
+                        "compile, conv_only on CUDA, every available backend)")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="timed calls per measurement (default: 10 CPU, 50 CUDA; 3 with --quick)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed calls before them, after the first (default: 2 CPU, 10 CUDA)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"layers {','.join(QUICK_LAYERS)}, 3 repeats, 1 warm-up: a smoke test")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--tag", default=None, help="file name suffix (default: device kind)")
+    p.add_argument("--list-layers", action="store_true", help="print the layers and exit")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
+    layout = {"cl": "channels_last", "nchw": "contiguous"}.get(args.layout, args.layout)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    other_layout = "contiguous" if layout == "channels_last" else "channels_last"
+    other_eager = "eager_nchw" if layout == "channels_last" else "eager_cl"
+    same_eager = "eager_cl" if layout == "channels_last" else "eager_nchw"
+    batch = args.batch or (256 if gpu else 16)
+    image = args.image or (224 if gpu else 64)
+
+    layers = select_layers(all_layers(image), ",".join(QUICK_LAYERS) if args.quick and not
+                           args.layers else args.layers)
+    if args.list_layers or not layers:
+        for lay in layers or all_layers(image):
+            shape = "x".join(map(str, lay.in_shape(batch)))
+            print(f"{lay.name:18} x{lay.count:<2} {lay.conv:26} in {shape}"
+                  f"{'  (deferred input in training)' if lay.deferred else ''}")
+        if not layers:
+            print(f"error: --layers {args.layers!r} matches none of the layers above",
+                  file=sys.stderr)
+            return 2
+        return 0
+    if gpu and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        print(f"error: unknown mode(s) {bad}; expected {MODES}", file=sys.stderr)
+        return 2
+
+    backends = [b for b in resnet_fast.available_backends(device) if b != "reference"]
+    default = ["eager"] + ([] if gpu else [other_eager]) + ["compile"] + (
+        ["conv_only"] if gpu else []) + backends
+    providers = []
+    for name in (args.providers.split(",") if args.providers else default):
+        name = "eager" if name == same_eager else name
+        if name and name not in providers:
+            providers.append(name)
+    known = {"eager", other_eager, "compile", "conv_only", *OURS}
+    bad = [q for q in providers if q not in known]
+    if bad:
+        print(f"error: unknown provider(s) {bad}; expected from {sorted(known)}", file=sys.stderr)
+        return 2
+    for q in providers:
+        if q in OURS:
+            reason = resnet_fast.unavailable_reason(q, device)
+            if reason:
+                print(f"error: provider {q}: {reason}", file=sys.stderr)
+                return 2
+    # Every ratio is taken against eager, and every output checked against its: it runs first.
+    providers = ["eager"] + [q for q in providers if q != "eager"]
+
+    reps = args.repeat or (3 if args.quick else 50 if gpu else 10)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 10 if gpu else 2)
+    time_it = timer(device, warmup=warmup, reps=reps)
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+    info = versions(device)
+    dtype_name = str(dtype).replace("torch.", "")
+    print(f"{info['device_name']}: {dtype_name} {layout}, batch {batch}, image {image}, "
+          f"{len(layers)} layers, modes {','.join(modes)}, providers {','.join(providers)}, "
+          f"{reps} timed calls after {warmup + 1} untimed")
+
+    rows, skipped, failed = [], [], []
+    t_start = time.perf_counter()
+    for layer in layers:
+        layer_modes = [m for m in modes if m != "train_deferred" or layer.deferred]
+        tensors = {layout: make_tensors(layer, batch, dtype, fmt, device,
+                                        "train_deferred" in layer_modes)}
+        if other_eager in providers:
+            other_fmt = (torch.contiguous_format if other_layout == "contiguous"
+                         else torch.channels_last)
+            tensors[other_layout] = tensors[layout].to_format(other_fmt)
+        for mode in layer_modes:
+            measured, errors = {}, {}
+            for provider in providers:
+                if provider == "conv_only" and mode == "train_deferred":
+                    continue  # the conv alone: the same as in train
+                if provider == "cuda":
+                    reason = cuda_backend_skip(layer, dtype)
+                    if reason:
+                        skipped.append(dict(layer=layer.name, mode=mode, provider=provider,
+                                            reason=reason))
+                        print(f"  skip cuda {layer.name} {mode}: {reason}")
+                        continue
+                t = tensors[other_layout if provider == other_eager else layout]
+                try:
+                    times, first, out = measure(provider, layer, mode, t, time_it, sync)
+                except Exception as exc:  # noqa: BLE001 - recorded, reported, the run goes on
+                    reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+                    entry = dict(layer=layer.name, mode=mode, provider=provider, reason=reason)
+                    if provider == "cuda" and "conv2d_bn_act_cuda" in str(exc):
+                        skipped.append(entry)  # an argument check of the CUTLASS path
+                        print(f"  skip cuda {layer.name} {mode}: {reason}")
+                    else:
+                        failed.append(entry)
+                        print(f"  FAILED {provider} {layer.name} {mode}: {reason}",
+                              file=sys.stderr)
+                    continue
+                measured[provider] = (times, first)
+                # Each provider's output against eager's, as a check of what is timed.
+                if provider == "eager":
+                    reference_out = out
+                elif provider != "conv_only":
+                    errors[provider] = relative_error(out, reference_out)
+                    if errors[provider] > tolerance(dtype, device):
+                        print(f"  warning: {layer.name} {mode} {provider}: output differs from "
+                              f"eager's by {errors[provider]:.2e} of its largest value",
+                              file=sys.stderr)
+                del out
+            reference_out = None
+            new = result_rows(layer, mode, measured, errors, batch, image, dtype_name, layout,
+                              info, other_layout)
+            print_rows(new, header=not rows, conv_only="conv_only" in providers)
+            rows.extend(new)
+        del tensors
+    elapsed = time.perf_counter() - t_start
+    print(f"\n{len(rows)} rows in {elapsed:.0f} s")
+
+    write_results(rows, skipped, failed, Path(args.out), run_name(args.tag, device), info,
+                  dict(device=args.device, dtype=dtype_name, layout=layout, batch=batch,
+                       image=image, modes=modes, providers=providers, repeat=reps,
+                       warmup=warmup, quick=args.quick, layers=args.layers,
+                       cudnn_benchmark=gpu, elapsed_s=elapsed, argv=sys.argv[1:]))
+    return 1 if failed else 0
+
+
+def result_rows(layer: Layer, mode: str, measured: dict, errors: dict, batch: int, image: int,
+                dtype: str, layout: str, info: dict, other_layout: str) -> list[dict]:
+    med = {q: statistics.median(times) for q, (times, _) in measured.items()}
+    eager = med.get("eager")
+    eagers = {q: v for q, v in med.items() if is_eager(q)}
+    best_eager_provider = min(eagers, key=eagers.get) if eagers else None
+    best_eager = eagers.get(best_eager_provider)
+    compiled, conv_only = med.get("compile"), med.get("conv_only")
+    best_baseline = min(v for v in (best_eager, compiled) if v is not None) if (
+        best_eager or compiled) else None
+
+    def ratio(base, m):
+        return base / m if base is not None else None
+
+    base = dict(device=info["device_name"], dtype=dtype, layout=layout, network=layer.network,
+                layer=layer.name, count=layer.count, conv=layer.conv, kernel=layer.kernel,
+                stride=layer.stride, padding=layer.padding, cin=layer.cin, cout=layer.cout,
+                relu=layer.relu, residual=layer.residual,
+                in_shape="x".join(map(str, layer.in_shape(batch))),
+                out_shape="x".join(map(str, layer.out_shape(batch))), batch=batch, image=image,
+                mode=mode, **{k: v for k, v in info.items() if k != "device_name"})
+    rows = []
+    for provider, (times, first) in measured.items():
+        m = med[provider]
+        rows.append(dict(
+            base, provider=provider,
+            provider_layout=other_layout if provider.startswith("eager_") else layout,
+            median_ms=m * 1e3, min_ms=min(times) * 1e3, max_ms=max(times) * 1e3,
+            reps=len(times), first_call_s=first,
+            vs_eager=ratio(eager, m), vs_best_eager=ratio(best_eager, m),
+            best_eager=best_eager_provider, vs_compile=ratio(compiled, m),
+            vs_best_baseline=ratio(best_baseline, m), vs_conv_only=ratio(conv_only, m),
+            max_rel_err=0.0 if provider == "eager" else errors.get(provider)))
+    return rows
+
+
+COLUMNS = (("layer", 16), ("count", 5), ("conv", 24), ("in_shape", 16), ("mode", 14),
+           ("provider", 10), ("median_ms", 10), ("vs_eager", 8), ("vs_best_eager", 13),
+           ("vs_compile", 10), ("vs_conv_only", 12))
+
+
+def print_rows(rows, header=False, conv_only=False):
+    cols = [c for c in COLUMNS if conv_only or c[0] != "vs_conv_only"]
+    if header:
+        print(" ".join(c.ljust(w) for c, w in cols))
+    for row in rows:
+        print(" ".join(fmt_cell(row[c]).ljust(w) for c, w in cols), flush=True)
+
+
+# ----------------------------------------------------------------------------------- summary
+
+
+def geomean(values, weights=None) -> Optional[float]:
+    pairs = [(v, w) for v, w in zip(values, weights or [1] * len(values)) if v is not None]
+    if not pairs:
+        return None
+    return math.exp(sum(w * math.log(v) for v, w in pairs) / sum(w for _, w in pairs))
+
+
+def model_training_rows(rows) -> list[dict]:
+    """Per (layer, provider): the train_deferred row where the layer has one, else train."""
+    by_key = {(r["layer"], r["provider"], r["mode"]): r for r in rows}
+    out = []
+    for r in rows:
+        if r["mode"] == "train":
+            out.append(by_key.get((r["layer"], r["provider"], "train_deferred"), r))
+    return out
+
+
+RATIOS = ("vs_eager", "vs_best_eager", "vs_compile", "vs_best_baseline")
+
+
+def summarize(rows) -> list[dict]:
+    """Per (network, mode, provider), the weighted (by count) and unweighted geometric means over
+    layers of each ratio, and the median over layers of vs_conv_only."""
+    sets = {m: [r for r in rows if r["mode"] == m] for m in MODES}
+    sets["train (model)"] = model_training_rows(rows)
+    out = []
+    for mode, mode_rows in sets.items():
+        networks = list(dict.fromkeys(r["network"] for r in rows))
+        for network in networks + (["all"] if len(networks) > 1 else []):
+            sel = [r for r in mode_rows if network == "all" or r["network"] == network]
+            for provider in dict.fromkeys(r["provider"] for r in sel):
+                rs = [r for r in sel if r["provider"] == provider]
+                s = dict(network=network, mode=mode, provider=provider, layers=len(rs),
+                         occurrences=sum(r["count"] for r in rs))
+                for k in RATIOS:
+                    vals = [r[k] for r in rs]
+                    s[k] = geomean(vals, [r["count"] for r in rs])
+                    s[k + "_unweighted"] = geomean(vals)
+                conv = [r["vs_conv_only"] for r in rs if r["vs_conv_only"] is not None]
+                s["vs_conv_only_median"] = statistics.median(conv) if conv else None
+                out.append(s)
+    return out
+
+
+def targets(summary, device_type: str) -> list[dict]:
+    """The performance targets, judged per resnet_fast backend on all measured layers weighted by
+    count (the value None where what a target needs was not measured)."""
+    get = {(s["network"], s["mode"], s["provider"]): s for s in summary}
+    out = []
+
+    def add(backend, what, mode, key, bound, needs):
+        def find(provider):
+            return get.get(("all", mode, provider)) or next(
+                (v for k, v in get.items() if k[1:] == (mode, provider)), None)
+
+        s = find(backend)
+        missing = [q for q in needs if find(q) is None]
+        value = s.get(key) if s and not missing else None
+        out.append(dict(backend=backend, target=what, mode=mode, ratio=key, value=value,
+                        unweighted=s.get(key + "_unweighted")
+                        if value is not None and key != "vs_conv_only_median" else None,
+                        bound=bound, met=None if value is None else value >= bound,
+                        missing=missing))
+
+    eager_other = sorted({s["provider"] for s in summary if s["provider"].startswith("eager_")})
+    eager_other = eager_other or ["eager_nchw or eager_cl"]
+    for backend in sorted({s["provider"] for s in summary if s["provider"] in OURS}):
+        if device_type == "cpu":
+            add(backend, "eval >= 1.15x the fastest of eager NCHW, eager channels_last, compile",
+                "eval", "vs_best_baseline", 1.15, eager_other + ["compile"])
+            add(backend, "training >= 1.2x the faster eager layout", "train (model)",
+                "vs_best_eager", 1.2, eager_other)
+            add(backend, "training >= 1.2x the faster eager layout", "train",
+                "vs_best_eager", 1.2, eager_other)
+        else:
+            add(backend, "eval time <= conv alone (median over layers)", "eval",
+                "vs_conv_only_median", 1.0, ["conv_only"])
+            for mode in ("train (model)", "train"):
+                add(backend, "training >= 1.25x eager", mode, "vs_eager", 1.25, [])
+                add(backend, "training >= 1.05x compile", mode, "vs_compile", 1.05, ["compile"])
+    return out
+
+
+def print_summary(summary, target_rows, eager_other: bool) -> None:
+    print("\nsummary: geometric mean over layers of the speed-up (weighted by occurrences; "
+          "unweighted in brackets)")
+    head = ["vs_eager"] + (["vs_best_eager"] if eager_other else []) + [
+        "vs_compile", "vs_best_baseline"]
+
+    def cell(s, k):
+        if s[k] is None:
+            return "-".ljust(16)
+        return f"{s[k]:.2f}x [{s[k + '_unweighted']:.2f}x]".ljust(16)
+
+    print(f"  {'mode':14} {'network':9} {'provider':10} {'layers':>6}  "
+          + " ".join(h.ljust(16) for h in head) + " vs_conv_only (median)")
+    for s in summary:
+        if s["provider"] == "eager":
+            continue
+        conv = s["vs_conv_only_median"]
+        print(f"  {s['mode']:14} {s['network']:9} {s['provider']:10} {s['layers']:>6}  "
+              + " ".join(cell(s, h) for h in head) + (f" {conv:.2f}x" if conv else " -"))
+    print("\ntargets (all measured layers, weighted by occurrences)")
+    for t in target_rows:
+        verdict = {True: "MET", False: "NOT MET", None: "not measured"}[t["met"]]
+        if t["missing"]:
+            verdict += f" (needs {', '.join(t['missing'])})"
+        val = "-" if t["value"] is None else f"{t['value']:.2f}x"
+        unw = "" if t["unweighted"] is None else f" [unweighted {t['unweighted']:.2f}x]"
+        print(f"  {t['backend']:7} {t['target']:70} {t['mode']:14} {t['ratio']:19} "
+              f"{val}{unw}  {verdict}")
+
+
+def write_results(rows, skipped, failed, out: Path, tag: str, info: dict,
+                  config: dict) -> None:
+    if not rows:
+        print("nothing measured")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"conv_bn_act_{tag}"
+    write_csv(stem.with_suffix(".csv"), rows)
+    summary = summarize(rows)
+    target_rows = targets(summary, "cuda" if "cuda" in info else "cpu")
+    write_json(stem.with_suffix(".json"), {"versions": info, "config": config,
+                                           "targets": target_rows, "summary": summary,
+                                           "skipped": skipped, "failed": failed,
+                                           "rows": rows})
+    print_summary(summary, target_rows, any(r["provider"].startswith("eager_") for r in rows))
+    if skipped:
+        print(f"\nskipped {len(skipped)} (layer, mode, provider): "
+              + "; ".join(sorted({f"{s['provider']}: {s['reason']}" for s in skipped})))
+    if failed:
+        print(f"\nFAILED {len(failed)} (layer, mode, provider), not in the rows or the summary:")
+        for f in failed:
+            print(f"  {f['provider']} {f['layer']} {f['mode']}: {f['reason']}")
+    plot(rows, stem.with_suffix(".png"), info)
+    print(f"\nwrote {stem}.csv, .json" + (", .png" if stem.with_suffix(".png").exists() else ""))
+
+
+def plot(rows, path: Path, info: dict) -> None:
+    """One panel per mode: per layer, a bar per provider of its speed-up vs eager."""
+    plt = pyplot()
+    if plt is None:
+        return
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    providers = [q for q in dict.fromkeys(r["provider"] for r in rows) if q != "eager"]
+    fig, axes = plt.subplots(len(modes), 1, figsize=(max(10, 0.5 * len(layers) + 2),
+                                                     3.6 * len(modes)), squeeze=False)
+    width = 0.8 / max(1, len(providers))
+    for ax, mode in zip(axes[:, 0], modes):
+        sel = {(r["layer"], r["provider"]): r for r in rows if r["mode"] == mode}
+        names = [lay for lay in layers if any(k[0] == lay for k in sel)]
+        for i, provider in enumerate(providers):
+            ys = [sel[(lay, provider)]["vs_eager"] if (lay, provider) in sel else 0
+                  for lay in names]
+            ax.bar([j + (i - (len(providers) - 1) / 2) * width for j in range(len(names))], ys,
+                   width, label=provider)
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels([f"{n} x{sel[(n, 'eager')]['count']}" if (n, "eager") in sel else n
+                            for n in names], rotation=40, ha="right", fontsize=7)
+        ax.set_ylabel("speed-up vs eager")
+        r0 = next(iter(sel.values()))
+        ax.set_title(f"conv+BN(+add)+ReLU {mode}: {r0['dtype']} {r0['layout']} batch "
+                     f"{r0['batch']} image {r0['image']} on {info['device_name']}", fontsize=9)
+        ax.legend(fontsize=7, ncol=len(providers))
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
