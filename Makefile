@@ -24,8 +24,13 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h
 
 .PHONY: demo test build clean
 
+# The main jobs on the embedded defaults: the fused ops on ResNet-50's layer shapes against the
+# float64 reference, a short training run on scikit-learn's digits (fused vs eager), a quick
+# model benchmark. Tables print; plots and results go to runs/demo and benchmarks/results/.
 demo: .stamp-build
-	$(PY) -m resnet_fast verify
+	$(PY) -m resnet_fast verify --model resnet50
+	$(PY) -m resnet_fast train --data digits --size 16 --compare-eager --out runs/demo
+	$(PY) -m resnet_fast bench --quick
 
 test: .stamp-build
 	$(PY) -m pytest -q

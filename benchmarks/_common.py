@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 
 import resnet_fast
+from resnet_fast.cli.info import cpu_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -52,17 +53,6 @@ def timer(device: torch.device, warmup: int, reps: int) -> Callable[[Callable], 
     return run
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def versions(device: torch.device) -> dict[str, str]:
     info = {"torch": torch.__version__, "resnet_fast": resnet_fast.__version__,
             "python": platform.python_version()}
@@ -76,7 +66,7 @@ def versions(device: torch.device) -> dict[str, str]:
         info["device_name"] = torch.cuda.get_device_name(device)
         info["cuda"] = str(torch.version.cuda)
     else:
-        info["device_name"] = f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+        info["device_name"] = f"{cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     return info
 
 

@@ -1,4 +1,6 @@
-"""resnet_fast: fused BatchNorm / residual-add / ReLU kernels for ResNets, checked against eager.
+"""resnet_fast: fused conv / BatchNorm / residual-add / ReLU kernels for ResNets, checked against
+eager, and a drop-in torchvision-style ResNet family built on them (:mod:`resnet_fast.models`,
+:func:`convert`).
 
 ``import resnet_fast`` works without the compiled extension; the backends that need it then say
 why they are unavailable (:func:`available_backends`, :func:`unavailable_reason`).
@@ -6,12 +8,28 @@ why they are unavailable (:func:`available_backends`, :func:`unavailable_reason`
 
 from resnet_fast import ops  # noqa: F401  (registers the resnet_fast:: ops)
 from resnet_fast.backends import BACKENDS, available_backends, unavailable_reason
+from resnet_fast.convert import ConvertWarning, convert
 from resnet_fast.functional import (
     DeferredBatchNorm,
     batch_norm_add_relu,
     batch_norm_relu,
     conv_bn_relu,
     dual_batch_norm_add_relu,
+)
+from resnet_fast.models import (
+    BasicBlock,
+    Bottleneck,
+    ResNet,
+    resnet18,
+    resnet34,
+    resnet50,
+    resnet101,
+    resnet152,
+    resnext50_32x4d,
+    resnext101_32x8d,
+    resnext101_64x4d,
+    wide_resnet50_2,
+    wide_resnet101_2,
 )
 
 __version__ = "0.1.0"
@@ -25,4 +43,19 @@ __all__ = [
     "dual_batch_norm_add_relu",
     "conv_bn_relu",
     "DeferredBatchNorm",
+    "convert",
+    "ConvertWarning",
+    "ResNet",
+    "BasicBlock",
+    "Bottleneck",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
 ]

@@ -258,9 +258,14 @@ def _eager_function(name: str, forward: Callable, setup_context: Callable,
     def forward_(ctx, *inputs):
         output = forward(*inputs)
         setup_context(ctx, inputs, output)
+        # The auxiliary outputs (statistics) take no gradient: none is formed for them.
+        ctx.set_materialize_grads(False)
+        ctx.num_inputs = len(inputs)
         return output
 
     def backward_(ctx, grad_out, *_grad_aux):
+        if grad_out is None:  # the output itself did not reach the loss
+            return (None,) * ctx.num_inputs
         return input_grads(ctx, grad_out)
 
     return type(name, (torch.autograd.Function,),

@@ -6,6 +6,7 @@ before resnet_fast is imported by any test module.
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -13,3 +14,13 @@ if not torch.cuda.is_available():
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small models: on a machine shared with other jobs the
+    idle threads of a second one spin and slow every op down (measured: 5 min -> 40 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,166 @@
+"""What one training step of the fused ResNet keeps and runs, against the eager reference.
+
+* Saved-for-backward bytes: every tensor autograd saves during the forward pass, seen through
+  ``torch.autograd.graph.saved_tensors_hooks``, each storage counted once, parameters and
+  buffers left out (both models save the same weights; what differs is the activations).
+* Ops: every op dispatched in one forward + backward (``TorchDispatchMode``), aten and
+  resnet_fast alike, in eager mode as a user runs it, and with the fused ops entered through
+  the dispatcher (``resnet_fast::conv_bn_act`` as one op, as ``torch.compile`` sees them).
+
+Targets (issue): saved bytes <= 0.6x eager, ops <= 0.5x eager. The assertions hold the figures
+reached now (with a small margin) so that a regression fails; the printed table (``pytest -s``)
+gives both models' numbers. Where a target is out of reach, the comment at its bound says what
+limits it; in both cases that is the op layer, not the models.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from resnet_fast import models, ops, reference
+
+NUM_CLASSES = 10
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _pair(arch):
+    torch.manual_seed(0)
+    fused = getattr(models, arch)(num_classes=NUM_CLASSES)
+    ref = getattr(reference, arch)(num_classes=NUM_CLASSES)
+    ref.load_state_dict(fused.state_dict())
+    return fused.train(), ref.train()
+
+
+def _data(size):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(2, 3, size, size, generator=g),
+            torch.randint(0, NUM_CLASSES, (2,), generator=g))
+
+
+def saved_activation_bytes(model, x, target) -> int:
+    """Bytes of the distinct storages autograd saves in one forward (parameters and buffers
+    excluded), then runs the backward so the graph is consumed."""
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    sizes: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in own and storage.nbytes():
+            sizes[ptr] = max(sizes.get(ptr, 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(x), target)
+    loss.backward()
+    return sum(sizes.values())
+
+
+# (arch, input size, bound on fused / eager saved bytes)
+#
+# Measured 0.865 (ResNet-18) and 0.849 (ResNet-50) at batch 2, 64x64. The fused blocks keep the
+# pre-BatchNorm conv outputs and never the normalised, rectified activations inside a block
+# (eager keeps both); the downsampling shortcut's normalised output is never kept either (one
+# dual BatchNorm + add + ReLU ends those blocks). What stays: at every block end the fused
+# op keeps the pre-BatchNorm output of the last conv *and* the block output (the next block's
+# conv input), exactly as eager does, and in a Bottleneck those wide tensors are most of the
+# memory. Reaching 0.6x needs the block-end op to recover its normalised input from the block
+# output and the shortcut (out > 0 is where the gradient flows; xhat = (out - shortcut - b) / w
+# there, InPlace-ABN's inversion), so that it keeps no tensor of its own.
+MEMORY_CASES = [("resnet18", 64, 0.90), ("resnet50", 64, 0.88)]
+
+
+@pytest.mark.parametrize("arch,size,bound", MEMORY_CASES, ids=[c[0] for c in MEMORY_CASES])
+def test_saved_for_backward_bytes(arch, size, bound):
+    fused, ref = _pair(arch)
+    x, target = _data(size)
+    eager_bytes = saved_activation_bytes(ref, x, target)
+    fused_bytes = saved_activation_bytes(fused, x, target)
+    ratio = fused_bytes / eager_bytes
+    print(f"\n{arch} batch 2 {size}x{size}: saved for backward eager {eager_bytes / 2**20:.2f} MiB,"
+          f" fused {fused_bytes / 2**20:.2f} MiB, ratio {ratio:.3f} (target 0.6)")
+    assert ratio <= bound
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every op dispatched while active, by name (``aten::convolution``,
+    ``resnet_fast::conv_bn_act``, ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.name()] += 1
+        return func(*args, **(kwargs or {}))
+
+
+# Views and detach compute nothing; the second figure printed leaves them out.
+_NO_KERNEL = {"aten::detach", "aten::view", "aten::t", "aten::expand", "aten::unbind.int",
+              "aten::select.int", "aten::unsqueeze", "aten::_unsafe_view", "aten::alias",
+              "aten::as_strided", "aten::slice.Tensor", "aten::squeeze.dim", "aten::permute"}
+
+
+def count_step_ops(model, x, target) -> collections.Counter:
+    F.cross_entropy(model(x), target).backward()  # warm-up: first-call set-up is not counted
+    model.zero_grad(set_to_none=True)
+    with OpCounter() as counter:
+        F.cross_entropy(model(x), target).backward()
+    return counter.counts
+
+
+def _summary(counts: collections.Counter) -> str:
+    top = ", ".join(f"{k} {v}" for k, v in counts.most_common(8))
+    return f"{sum(counts.values())} ops ({top})"
+
+
+def _compute(counts: collections.Counter) -> int:
+    return sum(v for k, v in counts.items() if k not in _NO_KERNEL)
+
+
+def test_op_count_resnet50(monkeypatch):
+    """One ResNet-50 training step (batch 2, 32x32): ops dispatched, fused vs eager.
+
+    Measured (all ops; in brackets without views and detach): eager 731 (461); fused in eager
+    mode 2435 (1935); fused with the ops entered through the dispatcher 665 (428), of which 57
+    resnet_fast forward ops and 57 backward ops. The fused ops' eager implementation composes
+    many small aten ops per call (zeros, new_empty, mul, stack, var_mean, ...: about 40 per
+    fused op, forward and backward together); through the dispatcher each is one op, and what
+    remains around them is per-op glue: zero gradients materialised for each op's
+    non-differentiable outputs (167 aten::zeros), and an unbind + _foreach_copy_ per op to
+    write the running statistics back. Without that glue a fused training step would dispatch
+    about 3 ops per conv (forward, backward, the num_batches_tracked increment) against eager's
+    8-9 (0.3x).
+    """
+    fused, ref = _pair("resnet50")
+    x, target = _data(32)
+    eager = count_step_ops(ref, x, target)
+    fused_eager = count_step_ops(fused, x, target)
+    monkeypatch.setattr(ops, "fused_conv_bn_act", lambda *a: ops.conv_bn_act(*a))
+    monkeypatch.setattr(ops, "fused_bn_act", lambda *a: ops.bn_act(*a))
+    fused_dispatch = count_step_ops(fused, x, target)
+    n_eager, n_fe, n_fd = (sum(c.values()) for c in (eager, fused_eager, fused_dispatch))
+    print(f"\nResNet-50 training step, batch 2 32x32, ops dispatched (forward + backward):\n"
+          f"  eager                       {_summary(eager)}; {_compute(eager)} without views\n"
+          f"  fused, eager mode           {_summary(fused_eager)}; {_compute(fused_eager)} "
+          f"without views; ratio {n_fe / n_eager:.2f}\n"
+          f"  fused, through dispatcher   {_summary(fused_dispatch)}; "
+          f"{_compute(fused_dispatch)} without views; ratio {n_fd / n_eager:.2f} "
+          f"(target 0.5)")
+    convs = sum(1 for m in fused.modules() if isinstance(m, torch.nn.Conv2d))
+    # one fused op per conv, plus the dual BatchNorm + add + ReLU ending the 4 downsampling
+    # blocks; one backward op each
+    assert fused_dispatch["resnet_fast::conv_bn_act"] == convs
+    assert fused_dispatch["resnet_fast::conv_bn_act_backward"] == convs
+    assert fused_dispatch["resnet_fast::bn_act"] == fused_dispatch["resnet_fast::bn_act_backward"]
+    assert fused_dispatch["resnet_fast::bn_act"] == 4
+    assert eager["aten::convolution"] == convs
+    assert n_fd / n_eager <= 0.95
+    assert n_fe / n_eager <= 3.6
