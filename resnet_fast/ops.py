@@ -277,12 +277,19 @@ _BnActFunction = _eager_function(
     lambda ctx, grad_out: _bn_act_input_grads(ctx, grad_out, _bn_act_backward))
 
 
+def _needs_grad(inputs) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(t, Tensor) and t.requires_grad for t in inputs)
+
+
 def fused_bn_act(*inputs):
     """``resnet_fast::bn_act`` with its autograd formula, arguments as the op's: the registered
-    op under ``torch.compile`` (or any dynamo trace), its implementation and formula through a
-    plain ``autograd.Function`` in eager mode."""
+    op under ``torch.compile`` (or any dynamo trace); in eager mode its implementation, through
+    a plain ``autograd.Function`` when a gradient is needed."""
     if torch.compiler.is_compiling():
         return bn_act(*inputs)
+    if not _needs_grad(inputs):
+        return _bn_act_forward(*inputs)
     return _BnActFunction.apply(*inputs)
 
 
@@ -356,21 +363,23 @@ _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 _ONEDNN_CACHE: dict[int, tuple] = {}
 
 
-def _onednn_folded_weights(weight, conv_bias, scale, shift, input_shape, stride, padding,
+def _onednn_folded_weights(weight, conv_bias, batch_norm, input_shape, stride, padding,
                            dilation, groups, cache_key):
-    """The conv weight and bias with the BatchNorm folded in, the weight prepacked in oneDNN's
-    blocked layout for ``input_shape``. Cached per ``weight`` under ``cache_key`` (the storage
-    and version of every parameter and statistic that went in), so a module folds and packs
-    once per parameter update, not per call."""
+    """``(prepacked weight, bias, save_stats)``: the conv weight and bias with the BatchNorm
+    folded in, the weight in oneDNN's blocked layout for ``input_shape``; ``batch_norm()`` gives
+    the ``(save_stats, scale, shift)`` to fold. Cached per ``weight`` under ``cache_key`` (the
+    storage and version of every parameter and statistic that went in), so a module folds and
+    packs once per parameter update, not per call."""
     cached = _ONEDNN_CACHE.get(id(weight)) if cache_key is not None else None
     if cached is not None and cached[0]() is weight and cached[1] == cache_key:
         return cached[2]
+    save_stats, scale, shift = batch_norm()
     folded_bias = shift if conv_bias is None else shift + conv_bias.to(scale.dtype) * scale
     folded = (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(weight.dtype)
     packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
         folded.to_mkldnn(), list(padding), list(stride), list(dilation), groups,
         list(input_shape))
-    result = (packed, folded_bias.to(weight.dtype))
+    result = (packed, folded_bias.to(weight.dtype), save_stats)
     if cache_key is not None:
         if cached is None or cached[0]() is not weight:
             weakref.finalize(weight, _ONEDNN_CACHE.pop, id(weight), None)
@@ -454,17 +463,20 @@ def _conv_bn_act_forward(
                           momentum_, eps, relu)
 
     if not batch_stats:
-        save_stats = _eval_stats(rm, rv, eps)
-        if not save_raw and (launch is not None or x.dtype in _ONEDNN_DTYPES):
-            scale, shift = _scale_shift(save_stats, w, b)
-            if launch is not None:
-                shift = shift if conv_bias is None else shift + conv_bias.to(acc) * scale
-                out, _ = conv(None, out_scale=scale.contiguous(), out_shift=shift.contiguous(),
-                              residual=r, relu=relu)
-                return out, empty(), save_stats, empty()
+        def eval_batch_norm():
+            save_stats = _eval_stats(rm, rv, eps)
+            return (save_stats, *_scale_shift(save_stats, w, b))
+
+        if not save_raw and launch is not None:
+            save_stats, scale, shift = eval_batch_norm()
+            shift = shift if conv_bias is None else shift + conv_bias.to(acc) * scale
+            out, _ = conv(None, out_scale=scale.contiguous(), out_shift=shift.contiguous(),
+                          residual=r, relu=relu)
+            return out, empty(), save_stats, empty()
+        if not save_raw and x.dtype in _ONEDNN_DTYPES:
             key = _version_key(weight, conv_bias, bn_weight, bn_bias, running_mean, running_var)
-            packed, folded_bias = _onednn_folded_weights(
-                weight, conv_bias, scale, shift, x.shape, *conv_args,
+            packed, folded_bias, save_stats = _onednn_folded_weights(
+                weight, conv_bias, eval_batch_norm, x.shape, *conv_args,
                 cache_key=None if key is None else (key, eps, tuple(x.shape), *map(tuple, (
                     stride, padding, dilation)), groups))
             unary = "relu" if relu else None
@@ -479,7 +491,7 @@ def _conv_bn_act_forward(
             return out.contiguous(memory_format=fmt), empty(), save_stats, empty()
         raw, _ = conv(conv_bias)
         out = apply(raw, rm, rv, 0.0, False)[0]
-        return out, raw, save_stats, empty()
+        return out, raw, _eval_stats(rm, rv, eps), empty()
 
     if launch is None:
         raw, _ = conv(conv_bias)
@@ -653,4 +665,6 @@ def fused_conv_bn_act(*inputs):
     :func:`fused_bn_act`)."""
     if torch.compiler.is_compiling():
         return conv_bn_act(*inputs)
+    if not _needs_grad(inputs):
+        return _conv_bn_act_forward(*inputs)
     return _ConvBnActFunction.apply(*inputs)
