@@ -6,9 +6,12 @@ for an sm_80 or sm_90 target, and ``_resource_usage`` reads the cubin's register
 memory and local (spill) memory with the ``cuobjdump`` that Triton bundles.
 """
 
+import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -53,3 +56,22 @@ def _resource_usage(cubin):
     usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
     assert usage, text
     return dict(zip(("REG", "STACK", "SHARED", "LOCAL"), map(int, usage.groups())))
+
+
+def aot_reports_of(script: str, archs) -> dict:
+    """{arch: report}: ``python script ARCH`` run once per arch, all at once, without
+    TRITON_INTERPRET (so Triton compiles instead of interpreting); each run prints its report
+    as one JSON line last."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when it is unset
+    procs = {arch: subprocess.Popen([sys.executable, script, str(arch)], cwd=root, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for arch in archs}
+    reports = {}
+    for arch, proc in procs.items():
+        out, err = proc.communicate()
+        assert proc.returncode == 0, f"sm_{arch} compile process failed:\n{err[-4000:]}"
+        reports[arch] = json.loads(out.strip().splitlines()[-1])
+    return reports

@@ -126,7 +126,8 @@ def _torch_include_dirs():
     return include_paths()
 
 
-@pytest.mark.parametrize("source", ["cuda/bn_act_binding.cpp", "extension.cpp"])
+@pytest.mark.parametrize("source", ["cuda/bn_act_binding.cpp", "cuda/conv_bn_act_binding.cpp",
+                                    "extension.cpp"])
 def test_binding_parses_with_torch_headers(source):
     """The binding (and the module that registers it, with CUDA on) parse against torch's headers.
 

@@ -17,9 +17,7 @@
 import dataclasses
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +27,7 @@ triton = pytest.importorskip("triton", reason="Triton is not installed")
 
 from resnet_fast.triton import bn_act  # noqa: E402  (after the Triton check)
 from _triton_aot import (  # noqa: E402  (tests/_triton_aot.py)
-    TYPE_NAMES, _compile_spec, _cuobjdump, _resource_usage)
+    TYPE_NAMES, aot_reports_of, _compile_spec, _cuobjdump, _resource_usage)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda")
@@ -277,7 +275,6 @@ AOT_SHAPES = RESNET50_BN if AOT_ALL else [(64, 112), (256, 56), (2048, 7)]
 AOT_TRAINING = (True, False) if AOT_ALL else (True,)
 ARCHS = (80, 90)
 ARCH_SHARED_LIMIT = {80: 164 * 1024, 90: 228 * 1024}
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _launches(shape, channels_last, dtype):
@@ -331,17 +328,7 @@ def aot_report(arch):
 @pytest.fixture(scope="module")
 def aot_reports():
     """{arch: aot_report(arch)}, each computed by this file run as a script, both at once."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    procs = {arch: subprocess.Popen([sys.executable, __file__, str(arch)], cwd=ROOT, env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for arch in ARCHS}
-    reports = {}
-    for arch, proc in procs.items():
-        out, err = proc.communicate()
-        assert proc.returncode == 0, f"sm_{arch} compile process failed:\n{err[-4000:]}"
-        reports[arch] = json.loads(out.strip().splitlines()[-1])
-    return reports
+    return aot_reports_of(__file__, ARCHS)
 
 
 @pytest.mark.skipif(_cuobjdump() is None, reason="cuobjdump not found (Triton bundles it)")

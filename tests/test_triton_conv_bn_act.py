@@ -21,9 +21,7 @@
 
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -34,7 +32,7 @@ triton = pytest.importorskip("triton", reason="Triton is not installed")
 from resnet_fast.triton import conv_bn_act  # noqa: E402  (after the Triton check)
 from resnet_fast.triton.conv_bn_act import conv2d_bn_act  # noqa: E402
 from _triton_aot import (  # noqa: E402  (tests/_triton_aot.py)
-    TYPE_NAMES, _compile_spec, _cuobjdump, _resource_usage)
+    TYPE_NAMES, aot_reports_of, _compile_spec, _cuobjdump, _resource_usage)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda")
@@ -428,7 +426,6 @@ ARCHS = (80, 90)
 # Shared memory a block may use: A100 163 KB, H100 227 KB.
 SHARED_PER_BLOCK = {80: 163 * 1024, 90: 227 * 1024}
 AOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-ROOT = Path(__file__).resolve().parents[1]
 # Representative layers at batch 256: a ResNet-50 layer3 3x3 (256 -> 256 at 14x14: wide enough
 # for every config, channel counts 16-divisible), and ResNeXt-50 32x4d's first grouped 3x3
 # (128 -> 128 at 56x56, 32 groups of 4: channel masks that are not 16-divisible).
@@ -511,18 +508,7 @@ def aot_report(arch):
 @pytest.fixture(scope="module")
 def aot_reports():
     """{arch: aot_report(arch)}, each computed by this file run as a script, both at once."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when it is unset
-    procs = {arch: subprocess.Popen([sys.executable, __file__, str(arch)], cwd=ROOT, env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for arch in ARCHS}
-    reports = {}
-    for arch, proc in procs.items():
-        out, err = proc.communicate()
-        assert proc.returncode == 0, f"sm_{arch} compile process failed:\n{err[-4000:]}"
-        reports[arch] = json.loads(out.strip().splitlines()[-1])
-    return reports
+    return aot_reports_of(__file__, ARCHS)
 
 
 @pytest.mark.skipif(_cuobjdump() is None, reason="cuobjdump not found (Triton bundles it)")
