@@ -19,27 +19,17 @@ from pathlib import Path
 
 import pytest
 
+from test_cuda_compile import NVCC, TORCH_HEADER  # nvcc as found there; torch includes
+
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 CU_FILE = CSRC / "cuda" / "conv_bn_act_kernels.cu"
 HEADERS = [CSRC / "cuda" / "conv_bn_act_kernels.cuh"]
 ARCH = 80
-TORCH_HEADER = re.compile(r'^\s*#\s*include\s*[<"](torch|ATen|c10|caffe2)/', re.MULTILINE)
 # The kernels of the file: conv_bn_act_kernel<ConvBnActKernel<element, prologue>> and the merge.
 CONV_KERNELS = {
     ("half_t", False), ("half_t", True), ("bfloat16_t", False), ("bfloat16_t", True),
 }
-
-
-def _find_nvcc():
-    candidates = []
-    if os.environ.get("CUDA_HOME"):
-        candidates.append(Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc")
-    candidates.append(Path("/usr/local/cuda/bin/nvcc"))
-    for path in candidates:
-        if path.is_file() and os.access(path, os.X_OK):
-            return str(path)
-    return shutil.which("nvcc")
 
 
 def _find_cutlass_include():
@@ -66,7 +56,6 @@ def _find_cuobjdump():
     return shutil.which("cuobjdump")
 
 
-NVCC = _find_nvcc()
 CUTLASS_INCLUDE = _find_cutlass_include()
 CUOBJDUMP = _find_cuobjdump()
 needs_toolchain = pytest.mark.skipif(
