@@ -35,8 +35,10 @@ arguments as the two ops minus ``backend``.
 Kernels behind ``conv_bn_act``: ``triton`` and ``cuda`` fuse the input normalisation into the
 conv's load and the BatchNorm (+ residual + ReLU) or the statistics into its epilogue (one
 launch in eval); ``cpu`` runs oneDNN's conv with the BatchNorm folded into its weight and bias
-in eval (weights folded and prepacked once per parameter version), and PyTorch's conv followed
-by the fused ``bn_act`` kernels in training.
+in eval (weights folded and prepacked once per parameter version), and in training PyTorch's
+conv and ``convolution_backward`` composed with the C++ ``bn_act`` kernels in one C++ call per
+direction (``_C.conv_bn_act_forward_cpu`` / ``_C.conv_bn_act_backward_cpu``), the input's
+deferred BatchNorm applied by a one-pass kernel before the conv and recomputed in backward.
 """
 
 from __future__ import annotations
@@ -110,6 +112,16 @@ def _affine_params(like, C, acc, weight, bias, residual_weight, residual_bias, r
         return param(weight, 1.0), param(bias, 0.0), None, None
     return (param(weight, 1.0), param(bias, 0.0), param(residual_weight, 1.0),
             param(residual_bias, 0.0))
+
+
+def _in_batch_norm_params(x: Tensor, acc: torch.dtype, in_weight: Optional[Tensor],
+                          in_bias: Optional[Tensor], in_stats: Optional[Tensor]):
+    """``(weight, bias, stats)`` of the BatchNorm normalising a conv's input on load, as the C++
+    kernels take them (materialised, in ``acc``, contiguous), or ``None`` s without one."""
+    if in_stats is None:
+        return None, None, None
+    w, b, _, _ = _affine_params(x, x.shape[1], acc, in_weight, in_bias, None, None, False)
+    return w, b, _per_channel(in_stats, acc)
 
 
 def _bn_act_forward(
@@ -440,75 +452,65 @@ def _conv_bn_act_forward(
     w, b, _, _ = _affine_params(x, out_shape[1], acc, bn_weight, bn_bias, None, None, False)
     rm, rv = _per_channel(running_mean, acc), _per_channel(running_var, acc)
     conv_args = (stride, padding, dilation, groups)
+
+    def eval_batch_norm():
+        save_stats = _eval_stats(rm, rv, eps)
+        return (save_stats, *_scale_shift(save_stats, w, b))
+
+    if not batch_stats and not save_raw and launch is not None:  # one launch
+        save_stats, scale, shift = eval_batch_norm()
+        shift = shift if conv_bias is None else shift + conv_bias.to(acc) * scale
+        out, _ = launch(x, weight, None, *conv_args, out_scale=scale.contiguous(),
+                        out_shift=shift.contiguous(), residual=r, relu=relu)
+        return out.contiguous(memory_format=fmt), empty(), save_stats, empty()
+    if not batch_stats and not save_raw and x.dtype in _ONEDNN_DTYPES:  # one oneDNN call
+        key = _version_key(weight, conv_bias, bn_weight, bn_bias, running_mean, running_var)
+        packed, folded_bias, save_stats = _onednn_folded_weights(
+            weight, conv_bias, eval_batch_norm, x.shape, *conv_args,
+            cache_key=None if key is None else (key, eps, tuple(x.shape), *map(tuple, (
+                stride, padding, dilation)), groups))
+        unary = "relu" if relu else None
+        if r is None:
+            out = torch.ops.mkldnn._convolution_pointwise(
+                x, packed, folded_bias, padding, stride, dilation, groups, unary or "none",
+                [None] if relu else [], "" if relu else None)
+        else:
+            out = torch.ops.mkldnn._convolution_pointwise.binary(
+                x, r, packed, folded_bias, padding, stride, dilation, groups, "add", None,
+                unary, [None] if relu else [], "" if relu else None)
+        return out.contiguous(memory_format=fmt), empty(), save_stats, empty()
+    if launch is None:  # cpu: PyTorch's conv + the bn_act kernels, composed in C++
+        return importlib.import_module("resnet_fast._C").conv_bn_act_forward_cpu(
+            x, weight, conv_bias, *conv_args,
+            *_in_batch_norm_params(x, acc, in_weight, in_bias, in_stats), in_relu,
+            w, b, rm, rv, r, batch_stats, momentum, eps, relu, defer)
+
     prologue = {}
     if in_stats is not None:
-        if launch is None:
-            x = _normalize(x, in_weight, in_bias, in_stats, in_relu)
-        else:
-            in_scale, in_shift = _scale_shift(in_stats, in_weight, in_bias)
-            prologue = dict(in_scale=in_scale.contiguous(), in_shift=in_shift.contiguous(),
-                            in_relu=in_relu)
+        in_scale, in_shift = _scale_shift(in_stats, in_weight, in_bias)
+        prologue = dict(in_scale=in_scale.contiguous(), in_shift=in_shift.contiguous(),
+                        in_relu=in_relu)
 
-    def conv(bias, **epilogue):
-        if launch is None:
-            return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False,
-                                              [0, 0], groups), None
-        y, stats = launch(x, weight, bias, *conv_args, **prologue, **epilogue)
+    def conv(**epilogue):
+        y, stats = launch(x, weight, conv_bias, *conv_args, **prologue, **epilogue)
         return y.contiguous(memory_format=fmt), stats
 
-    def apply(raw, mean, var, momentum_, training):
-        """bn_act over the conv output: with ``training`` its kernels find the statistics,
-        else (mean, var) normalise, as running statistics do in eval."""
-        return bn_forward(raw, w, b, mean, var, r, None, None, None, None, False, training,
-                          momentum_, eps, relu)
+    def apply(raw, mean, var):
+        """bn_act over the conv output, normalised with (mean, var)."""
+        return bn_forward(raw, w, b, mean, var, r, None, None, None, None, False, False, 0.0,
+                          eps, relu)[0]
 
     if not batch_stats:
-        def eval_batch_norm():
-            save_stats = _eval_stats(rm, rv, eps)
-            return (save_stats, *_scale_shift(save_stats, w, b))
-
-        if not save_raw and launch is not None:
-            save_stats, scale, shift = eval_batch_norm()
-            shift = shift if conv_bias is None else shift + conv_bias.to(acc) * scale
-            out, _ = conv(None, out_scale=scale.contiguous(), out_shift=shift.contiguous(),
-                          residual=r, relu=relu)
-            return out, empty(), save_stats, empty()
-        if not save_raw and x.dtype in _ONEDNN_DTYPES:
-            key = _version_key(weight, conv_bias, bn_weight, bn_bias, running_mean, running_var)
-            packed, folded_bias, save_stats = _onednn_folded_weights(
-                weight, conv_bias, eval_batch_norm, x.shape, *conv_args,
-                cache_key=None if key is None else (key, eps, tuple(x.shape), *map(tuple, (
-                    stride, padding, dilation)), groups))
-            unary = "relu" if relu else None
-            if r is None:
-                out = torch.ops.mkldnn._convolution_pointwise(
-                    x, packed, folded_bias, padding, stride, dilation, groups, unary or "none",
-                    [None] if relu else [], "" if relu else None)
-            else:
-                out = torch.ops.mkldnn._convolution_pointwise.binary(
-                    x, r, packed, folded_bias, padding, stride, dilation, groups, "add", None,
-                    unary, [None] if relu else [], "" if relu else None)
-            return out.contiguous(memory_format=fmt), empty(), save_stats, empty()
-        raw, _ = conv(conv_bias)
-        out = apply(raw, rm, rv, 0.0, False)[0]
-        return out, raw, _eval_stats(rm, rv, eps), empty()
-
-    if launch is None:
-        raw, _ = conv(conv_bias)
-        if not defer:
-            out, save_stats, new_running = apply(raw, rm, rv, momentum, True)
-            return out, raw, save_stats[0], new_running[0] if new_running.numel() else empty()
-        var, mean = torch.var_mean(raw.to(acc), dim=(0, 2, 3), correction=0)
-    else:
-        raw, mean_var = conv(conv_bias, stats=True)
-        mean, var = mean_var.unbind(0)
+        raw, _ = conv()
+        return apply(raw, rm, rv), raw, _eval_stats(rm, rv, eps), empty()
+    raw, mean_var = conv(stats=True)
+    mean, var = mean_var.unbind(0)
     save_stats = torch.stack([mean, torch.rsqrt(var + eps)])
     new_running = (empty() if rm is None
                    else _running_update(rm, rv, mean, var, count, momentum))
     if defer:
         return raw, empty(), save_stats, new_running
-    out = apply(raw, mean, var, 0.0, False)[0]
-    return out, raw, save_stats, new_running
+    return apply(raw, mean, var), raw, save_stats, new_running
 
 
 conv_bn_act = torch.library.custom_op("resnet_fast::conv_bn_act", _conv_bn_act_forward,
@@ -562,6 +564,17 @@ def _conv_bn_act_backward(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     acc = acc_dtype_of(input.dtype)
+    in_fmt, weight_fmt = memory_format_of(input), memory_format_of(weight)
+    if backend == "cpu":  # composed in C++
+        x, g, r = _prepare(input, grad_out, residual)
+        w, b, _, _ = _affine_params(x, weight.shape[0], acc, bn_weight, bn_bias, None, None,
+                                    False)
+        gi, gw, *grads = importlib.import_module("resnet_fast._C").conv_bn_act_backward_cpu(
+            g, x, weight, has_conv_bias, stride, padding, dilation, groups,
+            *_in_batch_norm_params(x, acc, in_weight, in_bias, in_stats), in_batch_stats,
+            in_relu, w, b, r, raw, save_stats.contiguous(), batch_stats, relu, defer)
+        return (gi.contiguous(memory_format=in_fmt), gw.contiguous(memory_format=weight_fmt),
+                *grads)
 
     def empty():  # an absent gradient: a fresh one each time, as outputs may not alias
         return input.new_empty((0,), dtype=acc)
@@ -583,8 +596,9 @@ def _conv_bn_act_backward(
         grad_input, grad_in_weight, grad_in_bias, _, _, _ = _bn_act_backward(
             grad_a, x, in_weight, in_bias, None, None, None, in_stats.unsqueeze(0), False,
             in_batch_stats, in_relu, backend)
-    return (grad_input.contiguous(memory_format=memory_format_of(input)),
-            grad_weight.contiguous(), empty() if grad_conv_bias is None else grad_conv_bias,
+    return (grad_input.contiguous(memory_format=in_fmt),
+            grad_weight.contiguous(memory_format=weight_fmt),
+            empty() if grad_conv_bias is None else grad_conv_bias,
             grad_in_weight, grad_in_bias, grad_bn_weight, grad_bn_bias, grad_residual)
 
 
@@ -606,7 +620,8 @@ def _conv_bn_act_backward_fake(
     Cin, Cout = input.shape[1], weight.shape[0]
     grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device,
                              memory_format=memory_format_of(input))
-    grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device,
+                              memory_format=memory_format_of(weight))
     grad_residual = (torch.empty_like(grad_out, memory_format=memory_format_of(grad_out))
                      if residual is not None and not defer else per_channel(False, 0))
     return (grad_input, grad_weight, per_channel(has_conv_bias, Cout),

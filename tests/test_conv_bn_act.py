@@ -179,7 +179,7 @@ def _chain(fn, x, p, defer, backend=None):
                  **kwargs)
 
 
-def _chain_params(dtype, C=6):
+def _chain_params(dtype, C=6, memory_format=torch.channels_last):
     g = torch.Generator().manual_seed(1)
     p = {f"w{i}": torch.randn(C, C, 3, 3, generator=g) / 5 for i in (1, 2)}
     for i in (1, 2):
@@ -191,15 +191,17 @@ def _chain_params(dtype, C=6):
     p = {k: v.to(DEVICE, dtype if k.startswith("w") else (torch.float64 if dtype == torch.float64
                                                           else torch.float32))
          for k, v in p.items()}
-    return x.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last), p
+    return x.to(DEVICE, dtype).contiguous(memory_format=memory_format), p
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_deferred_batch_norm_hand_off(backend, dtype):
+@pytest.mark.parametrize("dtype,memory_format", [
+    (torch.float64, torch.channels_last), (torch.float32, torch.channels_last),
+    (torch.float32, torch.contiguous_format)])
+def test_deferred_batch_norm_hand_off(backend, dtype, memory_format):
     """A conv's output deferred with its batch statistics and normalised inside the next conv's
     load gives the eager chain's output, gradients and running statistics."""
-    x, p = _chain_params(dtype)
+    x, p = _chain_params(dtype, memory_format=memory_format)
     x_ref, p_ref = x.clone(), {k: v.clone() for k, v in p.items()}
     leaves = ["w1", "w2", "g1", "b1", "g2", "b2"]
     for t in [x, x_ref] + [d[k] for d in (p, p_ref) for k in leaves]:
@@ -217,6 +219,28 @@ def test_deferred_batch_norm_hand_off(backend, dtype):
         torch.testing.assert_close(g, w, **tol, msg=lambda m: f"grad of {name}: {m}")
     for k in ("rm1", "rv1", "rm2", "rv2"):
         torch.testing.assert_close(p[k], p_ref[k], **tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deferred_statistics_of_a_channel_far_from_zero(backend):
+    """The batch statistics a deferred conv output carries stay accurate when the channel's mean
+    (1e3, from the conv bias) is large against its spread (about 1)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 8, 6, 6, generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 8, 3, 3, generator=g) / 8
+    bias = torch.full((8,), 1e3)
+    rm, rv = torch.zeros(8, device=DEVICE), torch.ones(8, device=DEVICE)
+    d = functional.conv_bn_relu(x.to(DEVICE), w.to(DEVICE), rm, rv, training=True,
+                                conv_bias=bias.to(DEVICE), padding=1, defer=True,
+                                backend=backend)
+    raw = torch.nn.functional.conv2d(x.double(), w.double(), bias.double(), padding=1)
+    var, mean = torch.var_mean(raw, dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(d.stats[0].cpu().double(), mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(d.stats[1].cpu().double(), torch.rsqrt(var + 1e-5), rtol=1e-3,
+                               atol=0)
+    n = raw.numel() // 8
+    torch.testing.assert_close(rv.cpu().double(), 0.9 + 0.1 * var * n / (n - 1), rtol=1e-4,
+                               atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -425,6 +425,58 @@ Affine<true, acc_t> affine_view(const acc_t* p, int64_t C) {
   return {{p}, {p + C}, {p + 2 * C}, {p + 3 * C}};
 }
 
+// Batch statistics of x (and of r when it is given: the BatchNorm'ed residual) in one read:
+// stats (B, 2, C) gets (mean, invstd) per branch and, when nr is given, the branches' running
+// statistics updated with momentum go to nr (B, 2, C).
+template <typename scalar_t, typename acc_t>
+void batch_statistics(const Shape& s, bool cl, const scalar_t* xp, const scalar_t* rp,
+                      const std::array<const std::optional<at::Tensor>*, 2>& rm,
+                      const std::array<const std::optional<at::Tensor>*, 2>& rv, bool tracks,
+                      double momentum, double eps, acc_t* stats, acc_t* nr) {
+  const int64_t C = s.C;
+  const int64_t B = rp != nullptr ? 2 : 1;
+  // Pivot of each channel: its first element (n = 0, hw = 0).
+  std::vector<acc_t> pivots(static_cast<size_t>(2 * C), acc_t(0));
+  const int64_t channel_step = cl ? 1 : s.HW;
+  for (int64_t c = 0; c < C; ++c) {
+    pivots[c] = static_cast<acc_t>(xp[c * channel_step]);
+    if (rp != nullptr) pivots[C + c] = static_cast<acc_t>(rp[c * channel_step]);
+  }
+  std::vector<double> sums(static_cast<size_t>(4 * C));
+  dispatch_layout(cl, [&](auto cl_c) {
+    constexpr bool kCL = decltype(cl_c)::value;
+    const ShiftedMoments<kCL, acc_t, scalar_t> f{xp, rp, {pivots.data()}, {pivots.data() + C}};
+    if (rp != nullptr) {
+      reduce_per_channel<4, kCL, acc_t>(s, f, sums.data());
+    } else {
+      reduce_per_channel<2, kCL, acc_t>(s, f, sums.data());
+    }
+  });
+  const double m = static_cast<double>(s.m());
+  for (int64_t br = 0; br < B; ++br) {
+    const double* s1 = sums.data() + (2 * br) * C;
+    const double* s2 = s1 + C;
+    for (int64_t c = 0; c < C; ++c) {
+      double mean, var, invstd;
+      bn_stats_from_shifted_sums<double>(m, s1[c], s2[c], pivots[br * C + c], eps, &mean, &var,
+                                         &invstd);
+      stats[(br * 2) * C + c] = static_cast<acc_t>(mean);
+      stats[(br * 2 + 1) * C + c] = static_cast<acc_t>(invstd);
+      if (tracks) {
+        double r_mean = rm[br]->value().data_ptr<acc_t>()[c];
+        double r_var = rv[br]->value().data_ptr<acc_t>()[c];
+        bn_running_update<double>(m, mean, var, momentum, &r_mean, &r_var);
+        nr[(br * 2) * C + c] = static_cast<acc_t>(r_mean);
+        nr[(br * 2 + 1) * C + c] = static_cast<acc_t>(r_var);
+      }
+    }
+  }
+}
+
+at::TensorOptions acc_options(const at::Tensor& x) {
+  return x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(
@@ -445,7 +497,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(
   const bool cl = is_channels_last(x);
   const int64_t B = residual_bn ? 2 : 1;
   const int64_t C = s.C;
-  const auto acc_opts = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const auto acc_opts = acc_options(x);
   const std::array<const std::optional<at::Tensor>*, 2> rm = {&running_mean, &residual_running_mean};
   const std::array<const std::optional<at::Tensor>*, 2> rv = {&running_var, &residual_running_var};
   for (int64_t br = 0; br < B; ++br) {
@@ -468,43 +520,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(
     const scalar_t* rp = residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr;
     acc_t* stats = save_stats.data_ptr<acc_t>();
     if (training) {
-      // Pivot of each channel: its first element (n = 0, hw = 0).
-      std::vector<acc_t> pivots(static_cast<size_t>(2 * C), acc_t(0));
-      const int64_t channel_step = cl ? 1 : s.HW;
-      for (int64_t c = 0; c < C; ++c) {
-        pivots[c] = static_cast<acc_t>(xp[c * channel_step]);
-        if (residual_bn) pivots[C + c] = static_cast<acc_t>(rp[c * channel_step]);
-      }
-      std::vector<double> sums(static_cast<size_t>(4 * C));
-      dispatch_layout(cl, [&](auto cl_c) {
-        constexpr bool kCL = decltype(cl_c)::value;
-        const ShiftedMoments<kCL, acc_t, scalar_t> f{xp, rp, {pivots.data()}, {pivots.data() + C}};
-        if (residual_bn) {
-          reduce_per_channel<4, kCL, acc_t>(s, f, sums.data());
-        } else {
-          reduce_per_channel<2, kCL, acc_t>(s, f, sums.data());
-        }
-      });
-      const double m = static_cast<double>(s.m());
-      acc_t* nr = tracks ? new_running.data_ptr<acc_t>() : nullptr;
-      for (int64_t br = 0; br < B; ++br) {
-        const double* s1 = sums.data() + (2 * br) * C;
-        const double* s2 = s1 + C;
-        for (int64_t c = 0; c < C; ++c) {
-          double mean, var, invstd;
-          bn_stats_from_shifted_sums<double>(m, s1[c], s2[c], pivots[br * C + c], eps, &mean,
-                                             &var, &invstd);
-          stats[(br * 2) * C + c] = static_cast<acc_t>(mean);
-          stats[(br * 2 + 1) * C + c] = static_cast<acc_t>(invstd);
-          if (tracks) {
-            double r_mean = rm[br]->value().data_ptr<acc_t>()[c];
-            double r_var = rv[br]->value().data_ptr<acc_t>()[c];
-            bn_running_update<double>(m, mean, var, momentum, &r_mean, &r_var);
-            nr[(br * 2) * C + c] = static_cast<acc_t>(r_mean);
-            nr[(br * 2 + 1) * C + c] = static_cast<acc_t>(r_var);
-          }
-        }
-      }
+      batch_statistics<scalar_t, acc_t>(s, cl, xp, residual_bn ? rp : nullptr, rm, rv, tracks,
+                                        momentum, eps, stats,
+                                        tracks ? new_running.data_ptr<acc_t>() : nullptr);
     } else {
       for (int64_t br = 0; br < B; ++br) {
         const acc_t* mp = rm[br]->value().data_ptr<acc_t>();
@@ -547,7 +565,7 @@ bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   const bool cl = is_channels_last(x);
   const int64_t B = residual_bn ? 2 : 1;
   const int64_t C = s.C;
-  const auto acc_opts = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const auto acc_opts = acc_options(x);
   TORCH_CHECK(save_stats.sizes() == at::IntArrayRef({B, 2, C}) && save_stats.is_contiguous() &&
                   save_stats.scalar_type() == acc_opts.dtype().toScalarType(),
               "resnet_fast cpu backend: save_stats must be a contiguous (", B, ", 2, ", C,
@@ -618,6 +636,55 @@ bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   });
   return {grad_input, grad_weight, grad_bias, grad_residual, grad_residual_weight,
           grad_residual_bias};
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x,
+                                                const std::optional<at::Tensor>& running_mean,
+                                                const std::optional<at::Tensor>& running_var,
+                                                double momentum, double eps) {
+  const Shape s = shape_of(x);
+  TORCH_CHECK(x.device().is_cpu(), "resnet_fast cpu backend: input must be on the CPU");
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
+              "resnet_fast cpu backend: running_mean and running_var must both be given or none");
+  const auto acc_opts = acc_options(x);
+  const bool tracks = running_mean.has_value();
+  at::Tensor save_stats = at::empty({2, s.C}, acc_opts);
+  at::Tensor new_running = tracks ? at::empty({2, s.C}, acc_opts) : at::empty({0}, acc_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stats_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    batch_statistics<scalar_t, acc_t>(s, is_channels_last(x), x.data_ptr<scalar_t>(), nullptr,
+                                      {&running_mean, nullptr}, {&running_var, nullptr}, tracks,
+                                      momentum, eps, save_stats.data_ptr<acc_t>(),
+                                      tracks ? new_running.data_ptr<acc_t>() : nullptr);
+  });
+  return {save_stats, new_running};
+}
+
+at::Tensor bn_apply_cpu(const at::Tensor& x, const at::Tensor& stats, const at::Tensor& weight,
+                        const at::Tensor& bias, bool relu) {
+  const Shape s = shape_of(x);
+  TORCH_CHECK(x.device().is_cpu(), "resnet_fast cpu backend: input must be on the CPU");
+  const auto acc_opts = acc_options(x);
+  TORCH_CHECK(stats.sizes() == at::IntArrayRef({2, s.C}) && stats.is_contiguous() &&
+                  stats.scalar_type() == acc_opts.dtype().toScalarType(),
+              "resnet_fast cpu backend: stats must be a contiguous (2, ", s.C,
+              ") tensor of the accumulation dtype");
+  at::Tensor out = empty_output_like(x);
+  at::Tensor affine = at::zeros({4, s.C}, acc_opts);  // scale, shift (r_scale, r_shift unused)
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_apply_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* aff = affine.data_ptr<acc_t>();
+    fill_affine<acc_t>(stats.data_ptr<acc_t>(), 1, s.C, {&weight, nullptr}, {&bias, nullptr},
+                       aff);
+    dispatch_layout(is_channels_last(x), [&](auto cl_c) {
+      constexpr bool kCL = decltype(cl_c)::value;
+      const ForwardApply<kNoResidual, kCL, acc_t, scalar_t> f{
+          x.data_ptr<scalar_t>(), nullptr, out.data_ptr<scalar_t>(),
+          as_layout<kCL>(affine_view(aff, s.C)), relu};
+      for_each_element<kCL, acc_t>(s, f);
+    });
+  });
+  return out;
 }
 
 }  // namespace cpu
