@@ -77,13 +77,19 @@ def acc_dtype_of(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _extension():
+    """The compiled module ``resnet_fast._C`` (imported when first needed: the package works
+    without it, and the backends that need it say so)."""
+    return importlib.import_module("resnet_fast._C")
+
+
 def _backend_kernels(backend: str):
     """``(forward, backward)`` of a kernel backend."""
     if backend == "triton":
         module = importlib.import_module("resnet_fast.triton.bn_act")
         return module.forward, module.backward
     if backend in ("cpu", "cuda"):
-        ext = importlib.import_module("resnet_fast._C")
+        ext = _extension()
         return getattr(ext, f"bn_act_forward_{backend}"), getattr(ext, f"bn_act_backward_{backend}")
     raise ValueError(f"backend {backend!r} has no kernels behind resnet_fast::bn_act")
 
@@ -296,10 +302,13 @@ def _needs_grad(inputs) -> bool:
 
 def fused_bn_act(*inputs):
     """``resnet_fast::bn_act`` with its autograd formula, arguments as the op's: the registered
-    op under ``torch.compile`` (or any dynamo trace); in eager mode its implementation, through
-    a plain ``autograd.Function`` when a gradient is needed."""
+    op under ``torch.compile`` (or any dynamo trace); in eager mode the ``cpu`` backend's C++
+    autograd function, else the op's implementation, through a plain ``autograd.Function`` when
+    a gradient is needed."""
     if torch.compiler.is_compiling():
         return bn_act(*inputs)
+    if inputs[-1] == "cpu":
+        return tuple(_extension().bn_act_cpu(*inputs[:-1]))
     if not _needs_grad(inputs):
         return _bn_act_forward(*inputs)
     return _BnActFunction.apply(*inputs)
@@ -327,7 +336,7 @@ def _conv_launcher(backend: str) -> Optional[Callable]:
     if backend == "triton":
         return importlib.import_module("resnet_fast.triton.conv_bn_act").conv2d_bn_act
     if backend == "cuda":
-        return importlib.import_module("resnet_fast._C").conv2d_bn_act_cuda
+        return _extension().conv2d_bn_act_cuda
     if backend == "cpu":
         return None
     raise ValueError(f"backend {backend!r} has no kernels behind resnet_fast::conv_bn_act")
@@ -480,7 +489,7 @@ def _conv_bn_act_forward(
                 unary, [None] if relu else [], "" if relu else None)
         return out.contiguous(memory_format=fmt), empty(), save_stats, empty()
     if launch is None:  # cpu: PyTorch's conv + the bn_act kernels, composed in C++
-        return importlib.import_module("resnet_fast._C").conv_bn_act_forward_cpu(
+        return _extension().conv_bn_act_forward_cpu(
             x, weight, conv_bias, *conv_args,
             *_in_batch_norm_params(x, acc, in_weight, in_bias, in_stats), in_relu,
             w, b, rm, rv, r, batch_stats, momentum, eps, relu, defer)
@@ -569,7 +578,7 @@ def _conv_bn_act_backward(
         x, g, r = _prepare(input, grad_out, residual)
         w, b, _, _ = _affine_params(x, weight.shape[0], acc, bn_weight, bn_bias, None, None,
                                     False)
-        gi, gw, *grads = importlib.import_module("resnet_fast._C").conv_bn_act_backward_cpu(
+        gi, gw, *grads = _extension().conv_bn_act_backward_cpu(
             g, x, weight, has_conv_bias, stride, padding, dilation, groups,
             *_in_batch_norm_params(x, acc, in_weight, in_bias, in_stats), in_batch_stats,
             in_relu, w, b, r, raw, save_stats.contiguous(), batch_stats, relu, defer)
@@ -677,9 +686,12 @@ _ConvBnActFunction = _eager_function(
 
 def fused_conv_bn_act(*inputs):
     """``resnet_fast::conv_bn_act`` with its autograd formula, arguments as the op's (see
-    :func:`fused_bn_act`)."""
+    :func:`fused_bn_act`; the folded oneDNN eval call of the ``cpu`` backend runs in Python)."""
     if torch.compiler.is_compiling():
         return conv_bn_act(*inputs)
+    batch_stats, save_raw, backend = inputs[17], inputs[22], inputs[23]
+    if backend == "cpu" and (batch_stats or save_raw or inputs[0].dtype not in _ONEDNN_DTYPES):
+        return tuple(_extension().conv_bn_act_cpu(*inputs[:22]))
     if not _needs_grad(inputs):
         return _conv_bn_act_forward(*inputs)
     return _ConvBnActFunction.apply(*inputs)

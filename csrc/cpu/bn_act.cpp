@@ -34,6 +34,7 @@
 #endif
 
 #include "../bn_act_math.h"
+#include "tensor_args.h"
 
 namespace resnet_fast {
 
@@ -471,10 +472,6 @@ void batch_statistics(const Shape& s, bool cl, const scalar_t* xp, const scalar_
       }
     }
   }
-}
-
-at::TensorOptions acc_options(const at::Tensor& x) {
-  return x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
 }
 
 }  // namespace

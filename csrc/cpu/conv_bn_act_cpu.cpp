@@ -6,19 +6,11 @@
 #include "conv_bn_act_cpu.h"
 
 #include "bn_act_cpu.h"
+#include "tensor_args.h"
 
 namespace resnet_fast {
 namespace cpu {
 namespace {
-
-at::MemoryFormat layout_of(const at::Tensor& x) {
-  return x.is_contiguous() ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
-}
-
-at::Tensor empty_acc(const at::Tensor& x) {
-  return at::empty({0}, x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble
-                                                                          : at::kFloat));
-}
 
 // The conv's input: x, or x normalised (and rectified) by the deferred BatchNorm of the
 // previous layer, whose batch statistics are in_stats.
@@ -48,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_act_forward_c
   const at::Tensor a = conv_input(x, in_weight, in_bias, in_stats, in_relu);
   const at::Tensor raw = at::convolution(a, weight, conv_bias, stride, padding, dilation,
                                          /*transposed=*/false, {0, 0}, groups)
-                             .contiguous(layout_of(x));
+                             .contiguous(memory_format_of(x));
   if (defer) {
     auto [save_stats, new_running] = bn_stats_cpu(raw, running_mean, running_var, momentum, eps);
     return {raw, empty_acc(x), save_stats, new_running};
@@ -71,7 +63,7 @@ conv_bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                          bool in_relu, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
                          const std::optional<at::Tensor>& residual, const at::Tensor& raw,
                          const at::Tensor& save_stats, bool batch_stats, bool relu, bool defer) {
-  const at::MemoryFormat layout = layout_of(x);
+  const at::MemoryFormat layout = memory_format_of(x);
   at::Tensor grad_raw = grad_out;
   at::Tensor grad_bn_weight = empty_acc(x), grad_bn_bias = empty_acc(x);
   at::Tensor grad_residual = empty_acc(x);
