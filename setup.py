@@ -55,8 +55,10 @@ def _extensions():
     from torch.utils import cpp_extension
 
     sources = [os.path.join("csrc", "extension.cpp")] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17"] + _cpu_vector_flags()
-    kwargs = {"include_dirs": [os.path.join(ROOT, "csrc")]}
+    # at::parallel_for is OpenMP in PyTorch's CPU builds: without -fopenmp its loops run on one
+    # thread. The libgomp.so.1 linked here resolves to the one torch has already loaded.
+    cxx = ["-O3", "-std=c++17", "-fopenmp"] + _cpu_vector_flags()
+    kwargs = {"include_dirs": [os.path.join(ROOT, "csrc")], "extra_link_args": ["-fopenmp"]}
     with_cuda = (
         torch.version.cuda is not None
         and cpp_extension.CUDA_HOME is not None

@@ -12,9 +12,9 @@
 //   eval forward: 1 read and 1 write;
 //   backward: 1 read of (dy, x[, r]) for the per-channel sums + 1 read of the same and 1 write
 //   of dx (and of the residual's gradient).
-// Sums are accumulated in acc_t vectors over short runs (one row in NCHW, kFlushRows rows in
-// channels_last) and added into double totals, so float32 accumulation error stays that of a
-// few hundred terms whatever the batch size.
+// Sums are accumulated in acc_t vectors over short runs (one row in NCHW, at most kFlushRows
+// rows in channels_last) and added into double totals, so float32 accumulation error stays that
+// of a few hundred terms whatever the batch size.
 
 #include "bn_act_cpu.h"
 
@@ -24,6 +24,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <type_traits>
@@ -64,6 +65,16 @@ template <typename T>
 struct is_vec : std::false_type {};
 template <typename A>
 struct is_vec<Vectorized<A>> : std::true_type {};
+
+// Values in one T: a vector's lanes, or 1.
+template <typename T>
+constexpr int64_t lanes() {
+  if constexpr (is_vec<T>::value) {
+    return T::size();
+  } else {
+    return 1;
+  }
+}
 
 // Load one value (T = acc_t) or one vector (T = Vectorized<acc_t>) of scalar_t as acc_t.
 template <typename T, typename scalar_t>
@@ -118,6 +129,31 @@ struct Shape {
   int64_t m() const { return N * HW; }
 };
 
+// Adds to part[k * C + j + i] the sums over rows [r0, r1) of a channels_last tensor of the
+// terms of the U consecutive values (T = acc_t) or vectors (T = Vectorized<acc_t>) of channels
+// starting at j.
+template <int U, int K, typename T, typename F>
+inline void sum_rows(const F& f, int64_t r0, int64_t r1, int64_t C, int64_t j, double* part) {
+  constexpr int64_t W = lanes<T>();
+  std::array<std::array<T, K>, U> acc;
+  for (auto& a : acc) a.fill(T(0));
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int u = 0; u < U; ++u) f.template term<T>(r * C + j + u * W, j + u * W, acc[u]);
+  }
+  for (int u = 0; u < U; ++u) {
+    for (int k = 0; k < K; ++k) {
+      if constexpr (is_vec<T>::value) {
+        using acc_t = typename T::value_type;
+        std::array<acc_t, W> values;
+        acc[u][k].store(values.data());
+        for (int64_t i = 0; i < W; ++i) part[k * C + j + u * W + i] += values[i];
+      } else {
+        part[k * C + j + u] += acc[u][k];
+      }
+    }
+  }
+}
+
 // Per-channel sums of K quantities over the m values of each channel, in double:
 // out[k * C + c]. f.template term<T>(e, j, acc) adds the terms of element e (linear offset in
 // the dense tensor) of channel accessor index j to acc (std::array<T, K>).
@@ -128,6 +164,7 @@ void reduce_per_channel(const Shape& s, const F& f, double* out) {
   const int64_t C = s.C;
   if constexpr (!kChannelsLast) {
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      const F fl = f;  // see for_each_element
       for (int64_t c = c0; c < c1; ++c) {
         std::array<double, K> total{};
         for (int64_t n = 0; n < s.N; ++n) {
@@ -136,8 +173,8 @@ void reduce_per_channel(const Shape& s, const F& f, double* out) {
           vsum.fill(Vec(acc_t(0)));
           std::array<acc_t, K> ssum{};
           int64_t i = 0;
-          for (; i + V <= s.HW; i += V) f.template term<Vec>(base + i, c, vsum);
-          for (; i < s.HW; ++i) f.template term<acc_t>(base + i, c, ssum);
+          for (; i + V <= s.HW; i += V) fl.template term<Vec>(base + i, c, vsum);
+          for (; i < s.HW; ++i) fl.template term<acc_t>(base + i, c, ssum);
           for (int k = 0; k < K; ++k) {
             total[k] += static_cast<double>(
                 at::vec::vec_reduce_all([](Vec a, Vec b) { return a + b; }, vsum[k]) + ssum[k]);
@@ -150,30 +187,25 @@ void reduce_per_channel(const Shape& s, const F& f, double* out) {
     const int64_t M = s.m();
     const int64_t blocks = std::min<int64_t>(M, 4 * at::get_num_threads());
     std::vector<double> partial(static_cast<size_t>(blocks * K * C), 0.0);
+    // Channels in runs of kRun vectors (then single vectors, then single values), each run's
+    // sums held in registers over flush_rows rows: every element is read once, and nothing but
+    // the data is loaded in the inner loop. The rows a run walks span about 64 KB (at most
+    // kFlushRows rows, at least 8), so the next run finds them in cache and in the TLB.
+    constexpr int kRun = std::max(1, 8 / K);
+    const int64_t flush_rows = std::clamp<int64_t>(16384 / C, 8, kFlushRows);
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<acc_t> run(static_cast<size_t>(K * C));
+      const F fl = f;  // see for_each_element
       for (int64_t b = b0; b < b1; ++b) {
         double* part = partial.data() + b * K * C;
         const int64_t row_end = (b + 1) * M / blocks;
-        for (int64_t row = b * M / blocks; row < row_end; row += kFlushRows) {
-          std::fill(run.begin(), run.end(), acc_t(0));
-          const int64_t rows = std::min(kFlushRows, row_end - row);
-          for (int64_t r = row; r < row + rows; ++r) {
-            int64_t j = 0;
-            for (; j + V <= C; j += V) {
-              std::array<Vec, K> v;
-              for (int k = 0; k < K; ++k) v[k] = Vec::loadu(run.data() + k * C + j);
-              f.template term<Vec>(r * C + j, j, v);
-              for (int k = 0; k < K; ++k) v[k].store(run.data() + k * C + j);
-            }
-            for (; j < C; ++j) {
-              std::array<acc_t, K> v;
-              for (int k = 0; k < K; ++k) v[k] = run[k * C + j];
-              f.template term<acc_t>(r * C + j, j, v);
-              for (int k = 0; k < K; ++k) run[k * C + j] = v[k];
-            }
+        for (int64_t row = b * M / blocks; row < row_end; row += flush_rows) {
+          const int64_t rows_end = std::min(row + flush_rows, row_end);
+          int64_t j = 0;
+          for (; j + kRun * V <= C; j += kRun * V) {
+            sum_rows<kRun, K, Vec>(fl, row, rows_end, C, j, part);
           }
-          for (int64_t i = 0; i < K * C; ++i) part[i] += static_cast<double>(run[i]);
+          for (; j + V <= C; j += V) sum_rows<1, K, Vec>(fl, row, rows_end, C, j, part);
+          for (; j < C; ++j) sum_rows<1, K, acc_t>(fl, row, rows_end, C, j, part);
         }
       }
     });
@@ -198,13 +230,16 @@ void for_each_element(const Shape& s, const F& f) {
   const int64_t row_len = kChannelsLast ? s.C : s.HW;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / row_len);
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    // A local copy: at::vec's stores may alias anything, so members read through f would be
+    // reloaded after every store; a local's stay in registers.
+    const F fl = f;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t base = r * row_len;
       // NCHW rows index per-channel arrays by their channel, channels_last rows by position.
       const int64_t c = kChannelsLast ? 0 : r % s.C;
       int64_t i = 0;
-      for (; i + V <= row_len; i += V) f.template apply<Vec>(base + i, c + i * kChannelsLast);
-      for (; i < row_len; ++i) f.template apply<acc_t>(base + i, c + i * kChannelsLast);
+      for (; i + V <= row_len; i += V) fl.template apply<Vec>(base + i, c + i * kChannelsLast);
+      for (; i < row_len; ++i) fl.template apply<acc_t>(base + i, c + i * kChannelsLast);
     }
   });
 }
