@@ -232,6 +232,8 @@ def _bn_act_setup_context(ctx, inputs, output):
      residual_bn, training, _momentum, _eps, relu, backend) = inputs
     _out, save_stats, new_running = output
     ctx.mark_non_differentiable(save_stats, new_running)
+    # The auxiliary outputs (statistics) take no gradient: none is formed for them.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(input, weight, bias, residual, residual_weight, residual_bias,
                           save_stats)
     ctx.flags = (residual_bn, training, relu, backend)
@@ -239,6 +241,8 @@ def _bn_act_setup_context(ctx, inputs, output):
 
 def _bn_act_input_grads(ctx, grad_out, backward):
     """The gradients of bn_act's 16 inputs, from ``backward`` (the op or its implementation)."""
+    if grad_out is None:  # the output itself did not reach the loss
+        return (None,) * 16
     input, weight, bias, residual, residual_weight, residual_bias, save_stats = ctx.saved_tensors
     residual_bn, training, relu, backend = ctx.flags
     gx, gw, gb, gr, grw, grb = backward(
@@ -276,14 +280,9 @@ def _eager_function(name: str, forward: Callable, setup_context: Callable,
     def forward_(ctx, *inputs):
         output = forward(*inputs)
         setup_context(ctx, inputs, output)
-        # The auxiliary outputs (statistics) take no gradient: none is formed for them.
-        ctx.set_materialize_grads(False)
-        ctx.num_inputs = len(inputs)
         return output
 
     def backward_(ctx, grad_out, *_grad_aux):
-        if grad_out is None:  # the output itself did not reach the loss
-            return (None,) * ctx.num_inputs
         return input_grads(ctx, grad_out)
 
     return type(name, (torch.autograd.Function,),
@@ -644,6 +643,7 @@ def _conv_bn_act_setup_context(ctx, inputs, output):
      _eps, relu, defer, _save_raw, backend) = inputs
     _out, raw, save_stats, new_running = output
     ctx.mark_non_differentiable(raw, save_stats, new_running)
+    ctx.set_materialize_grads(False)  # as for bn_act
     ctx.save_for_backward(input, weight, in_weight, in_bias, in_stats, bn_weight, bn_bias,
                           residual, raw, save_stats)
     ctx.args = (conv_bias is not None, stride, padding, dilation, groups, in_batch_stats,
@@ -653,6 +653,8 @@ def _conv_bn_act_setup_context(ctx, inputs, output):
 def _conv_bn_act_input_grads(ctx, grad_out, backward):
     """The gradients of conv_bn_act's 24 inputs, from ``backward`` (the op or its
     implementation)."""
+    if grad_out is None:  # the output itself did not reach the loss
+        return (None,) * 24
     (input, weight, in_weight, in_bias, in_stats, bn_weight, bn_bias, residual, raw,
      save_stats) = ctx.saved_tensors
     (has_conv_bias, stride, padding, dilation, groups, in_batch_stats, in_relu, batch_stats,

@@ -544,7 +544,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(
   at::Tensor save_stats = at::empty({B, 2, C}, acc_opts);
   at::Tensor new_running = tracks ? at::empty({B, 2, C}, acc_opts) : at::empty({0}, acc_opts);
   at::Tensor out = empty_output_like(x);
-  at::Tensor affine = at::zeros({4, C}, acc_opts);  // scale, shift, r_scale, r_shift
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -565,7 +564,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(
         }
       }
     }
-    acc_t* aff = affine.data_ptr<acc_t>();
+    std::vector<acc_t> affine(static_cast<size_t>(4 * C));  // scale, shift, r_scale, r_shift
+    acc_t* aff = affine.data();
     fill_affine<acc_t>(stats, B, C, {&weight, residual_bn ? &*residual_weight : nullptr},
                        {&bias, residual_bn ? &*residual_bias : nullptr}, aff);
     scalar_t* op = out.data_ptr<scalar_t>();
@@ -610,8 +610,6 @@ bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   at::Tensor grad_bias = at::empty({C}, acc_opts);
   at::Tensor grad_residual_weight = at::empty({residual_bn ? C : 0}, acc_opts);
   at::Tensor grad_residual_bias = at::empty({residual_bn ? C : 0}, acc_opts);
-  at::Tensor affine = at::zeros({4, C}, acc_opts);  // scale, shift, r_scale, r_shift
-  at::Tensor coeffs = at::zeros({6, C}, acc_opts);  // k_g, k_x, k_c, r_k_g, r_k_x, r_k_c
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -620,7 +618,8 @@ bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::T
     const scalar_t* rp = residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr;
     const acc_t* stats = save_stats.data_ptr<acc_t>();
     const std::array<const at::Tensor*, 2> w = {&weight, residual_bn ? &*residual_weight : nullptr};
-    acc_t* aff = affine.data_ptr<acc_t>();
+    std::vector<acc_t> affine(static_cast<size_t>(4 * C));  // scale, shift, r_scale, r_shift
+    acc_t* aff = affine.data();
     fill_affine<acc_t>(stats, B, C, w, {&bias, residual_bn ? &*residual_bias : nullptr}, aff);
 
     // sum(g), sum(g * (x - mean)) [, sum(g * (r - r_mean))]
@@ -634,7 +633,8 @@ bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::T
     });
 
     const acc_t m = static_cast<acc_t>(s.m());
-    acc_t* k = coeffs.data_ptr<acc_t>();
+    std::vector<acc_t> coeffs(static_cast<size_t>(6 * C));  // k_g, k_x, k_c, r_k_g, r_k_x, r_k_c
+    acc_t* k = coeffs.data();
     std::array<acc_t*, 2> gw = {grad_weight.data_ptr<acc_t>(),
                                 residual_bn ? grad_residual_weight.data_ptr<acc_t>() : nullptr};
     std::array<acc_t*, 2> gb = {grad_bias.data_ptr<acc_t>(),
@@ -702,10 +702,10 @@ at::Tensor bn_apply_cpu(const at::Tensor& x, const at::Tensor& stats, const at::
               "resnet_fast cpu backend: stats must be a contiguous (2, ", s.C,
               ") tensor of the accumulation dtype");
   at::Tensor out = empty_output_like(x);
-  at::Tensor affine = at::zeros({4, s.C}, acc_opts);  // scale, shift (r_scale, r_shift unused)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_apply_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    acc_t* aff = affine.data_ptr<acc_t>();
+    std::vector<acc_t> affine(static_cast<size_t>(4 * s.C));  // scale, shift (r_* unused)
+    acc_t* aff = affine.data();
     fill_affine<acc_t>(stats.data_ptr<acc_t>(), 1, s.C, {&weight, nullptr}, {&bias, nullptr},
                        aff);
     dispatch_layout(is_channels_last(x), [&](auto cl_c) {
