@@ -35,14 +35,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_bn_act_forward_cpu", &resnet_fast::cpu::conv_bn_act_forward_cpu,
         "Conv + BatchNorm (+ residual) + ReLU on CPU tensors (training, and eval keeping the "
         "conv output)",
-        py::arg("x"), py::arg("weight"), py::arg("conv_bias"), py::arg("stride"),
+        py::arg("input"), py::arg("weight"), py::arg("conv_bias"), py::arg("stride"),
         py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("in_weight"),
         py::arg("in_bias"), py::arg("in_stats"), py::arg("in_relu"), py::arg("bn_weight"),
         py::arg("bn_bias"), py::arg("running_mean"), py::arg("running_var"),
         py::arg("residual"), py::arg("batch_stats"), py::arg("momentum"), py::arg("eps"),
         py::arg("relu"), py::arg("defer"));
   m.def("conv_bn_act_backward_cpu", &resnet_fast::cpu::conv_bn_act_backward_cpu,
-        "Gradients of conv_bn_act_forward_cpu", py::arg("grad_out"), py::arg("x"),
+        "Gradients of conv_bn_act_forward_cpu", py::arg("grad_out"), py::arg("input"),
         py::arg("weight"), py::arg("has_conv_bias"), py::arg("stride"), py::arg("padding"),
         py::arg("dilation"), py::arg("groups"), py::arg("in_weight"), py::arg("in_bias"),
         py::arg("in_stats"), py::arg("in_batch_stats"), py::arg("in_relu"),

@@ -120,16 +120,6 @@ def _affine_params(like, C, acc, weight, bias, residual_weight, residual_bias, r
             param(residual_bias, 0.0))
 
 
-def _in_batch_norm_params(x: Tensor, acc: torch.dtype, in_weight: Optional[Tensor],
-                          in_bias: Optional[Tensor], in_stats: Optional[Tensor]):
-    """``(weight, bias, stats)`` of the BatchNorm normalising a conv's input on load, as the C++
-    kernels take them (materialised, in ``acc``, contiguous), or ``None`` s without one."""
-    if in_stats is None:
-        return None, None, None
-    w, b, _, _ = _affine_params(x, x.shape[1], acc, in_weight, in_bias, None, None, False)
-    return w, b, _per_channel(in_stats, acc)
-
-
 def _bn_act_forward(
     input: Tensor,
     weight: Optional[Tensor],
@@ -407,6 +397,13 @@ def _onednn_folded_weights(weight, conv_bias, batch_norm, input_shape, stride, p
     return result
 
 
+def _cpu_composite(backend: str, dtype: torch.dtype, batch_stats: bool, save_raw: bool) -> bool:
+    """Whether the ``cpu`` backend runs a conv layer as PyTorch's conv composed with the bn_act
+    kernels in C++: in training, and in eval when backward needs the conv output or oneDNN's
+    fused call does not take the dtype (otherwise eval is one folded oneDNN call)."""
+    return backend == "cpu" and (batch_stats or save_raw or dtype not in _ONEDNN_DTYPES)
+
+
 def _version_key(*tensors: Optional[Tensor]):
     """What identifies the values of ``tensors`` (storage and in-place version), or ``None``
     where that cannot be told (inference tensors, tracing)."""
@@ -446,9 +443,13 @@ def _conv_bn_act_forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if defer and not batch_stats:
         raise ValueError("defer=True needs batch statistics (training, or no running statistics)")
+    if _cpu_composite(backend, input.dtype, batch_stats, save_raw):
+        return _extension().conv_bn_act_forward_cpu(
+            input, weight, conv_bias, stride, padding, dilation, groups, in_weight, in_bias,
+            in_stats, in_relu, bn_weight, bn_bias, running_mean, running_var, residual,
+            batch_stats, momentum, eps, relu, defer)
     acc = acc_dtype_of(input.dtype)
     launch = _conv_launcher(backend)
-    bn_forward = _backend_kernels(backend)[0]
     x, r = _prepare(input, residual)
     fmt = memory_format_of(x)
     out_shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
@@ -471,7 +472,7 @@ def _conv_bn_act_forward(
         out, _ = launch(x, weight, None, *conv_args, out_scale=scale.contiguous(),
                         out_shift=shift.contiguous(), residual=r, relu=relu)
         return out.contiguous(memory_format=fmt), empty(), save_stats, empty()
-    if not batch_stats and not save_raw and x.dtype in _ONEDNN_DTYPES:  # one oneDNN call
+    if launch is None:  # cpu, not the composite: one oneDNN call
         key = _version_key(weight, conv_bias, bn_weight, bn_bias, running_mean, running_var)
         packed, folded_bias, save_stats = _onednn_folded_weights(
             weight, conv_bias, eval_batch_norm, x.shape, *conv_args,
@@ -487,11 +488,6 @@ def _conv_bn_act_forward(
                 x, r, packed, folded_bias, padding, stride, dilation, groups, "add", None,
                 unary, [None] if relu else [], "" if relu else None)
         return out.contiguous(memory_format=fmt), empty(), save_stats, empty()
-    if launch is None:  # cpu: PyTorch's conv + the bn_act kernels, composed in C++
-        return _extension().conv_bn_act_forward_cpu(
-            x, weight, conv_bias, *conv_args,
-            *_in_batch_norm_params(x, acc, in_weight, in_bias, in_stats), in_relu,
-            w, b, rm, rv, r, batch_stats, momentum, eps, relu, defer)
 
     prologue = {}
     if in_stats is not None:
@@ -505,8 +501,8 @@ def _conv_bn_act_forward(
 
     def apply(raw, mean, var):
         """bn_act over the conv output, normalised with (mean, var)."""
-        return bn_forward(raw, w, b, mean, var, r, None, None, None, None, False, False, 0.0,
-                          eps, relu)[0]
+        return _backend_kernels(backend)[0](raw, w, b, mean, var, r, None, None, None, None,
+                                            False, False, 0.0, eps, relu)[0]
 
     if not batch_stats:
         raw, _ = conv()
@@ -540,8 +536,8 @@ def _conv_bn_act_fake(
             return input.new_empty((0,), dtype=acc)
         return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=fmt)
 
-    keeps_raw = not defer and (batch_stats or save_raw or (
-        backend == "cpu" and input.dtype not in _ONEDNN_DTYPES))
+    keeps_raw = not defer and (batch_stats or save_raw
+                               or _cpu_composite(backend, input.dtype, batch_stats, save_raw))
     tracks = batch_stats and running_mean is not None
     return (activation(True), activation(keeps_raw), input.new_empty((2, shape[1]), dtype=acc),
             input.new_empty((2, shape[1]) if tracks else (0,), dtype=acc))
@@ -571,18 +567,13 @@ def _conv_bn_act_backward(
     defer: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if backend == "cpu":  # composed in C++
+        return _extension().conv_bn_act_backward_cpu(
+            grad_out, input, weight, has_conv_bias, stride, padding, dilation, groups, in_weight,
+            in_bias, in_stats, in_batch_stats, in_relu, bn_weight, bn_bias, residual, raw,
+            save_stats, batch_stats, relu, defer)
     acc = acc_dtype_of(input.dtype)
     in_fmt, weight_fmt = memory_format_of(input), memory_format_of(weight)
-    if backend == "cpu":  # composed in C++
-        x, g, r = _prepare(input, grad_out, residual)
-        w, b, _, _ = _affine_params(x, weight.shape[0], acc, bn_weight, bn_bias, None, None,
-                                    False)
-        gi, gw, *grads = _extension().conv_bn_act_backward_cpu(
-            g, x, weight, has_conv_bias, stride, padding, dilation, groups,
-            *_in_batch_norm_params(x, acc, in_weight, in_bias, in_stats), in_batch_stats,
-            in_relu, w, b, r, raw, save_stats.contiguous(), batch_stats, relu, defer)
-        return (gi.contiguous(memory_format=in_fmt), gw.contiguous(memory_format=weight_fmt),
-                *grads)
 
     def empty():  # an absent gradient: a fresh one each time, as outputs may not alias
         return input.new_empty((0,), dtype=acc)
@@ -691,8 +682,7 @@ def fused_conv_bn_act(*inputs):
     :func:`fused_bn_act`; the folded oneDNN eval call of the ``cpu`` backend runs in Python)."""
     if torch.compiler.is_compiling():
         return conv_bn_act(*inputs)
-    batch_stats, save_raw, backend = inputs[17], inputs[22], inputs[23]
-    if backend == "cpu" and (batch_stats or save_raw or inputs[0].dtype not in _ONEDNN_DTYPES):
+    if _cpu_composite(inputs[23], inputs[0].dtype, inputs[17], inputs[22]):
         return tuple(_extension().conv_bn_act_cpu(*inputs[:22]))
     if not _needs_grad(inputs):
         return _conv_bn_act_forward(*inputs)

@@ -18,11 +18,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-std::optional<at::Tensor> dense(const std::optional<at::Tensor>& t, at::MemoryFormat fmt) {
-  if (!t.has_value() || !t->defined()) return std::nullopt;
-  return t->contiguous(fmt);
-}
-
 std::optional<at::Tensor> given(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
@@ -107,19 +102,10 @@ struct ConvBnActFunction : public torch::autograd::Function<ConvBnActFunction> {
       const std::optional<at::Tensor>& running_mean,
       const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual,
       bool batch_stats, double momentum, double eps, bool relu, bool defer) {
-    const at::MemoryFormat fmt = memory_format_of(input);
-    const at::Tensor x = input.contiguous(fmt);
-    const auto acc = acc_options(x);
-    const int64_t Cin = x.size(1), Cout = weight.size(0);
-    const bool in_bn = in_stats.has_value() && in_stats->defined();
     auto outputs = conv_bn_act_forward_cpu(
-        x, weight, conv_bias, stride, padding, dilation, groups,
-        in_bn ? given(affine_param(in_weight, Cin, 1.0, acc)) : std::nullopt,
-        in_bn ? given(affine_param(in_bias, Cin, 0.0, acc)) : std::nullopt,
-        per_channel(in_stats, acc), in_relu, affine_param(bn_weight, Cout, 1.0, acc),
-        affine_param(bn_bias, Cout, 0.0, acc), per_channel(running_mean, acc),
-        per_channel(running_var, acc), dense(residual, fmt), batch_stats, momentum, eps, relu,
-        defer);
+        input, weight, conv_bias, stride, padding, dilation, groups, in_weight, in_bias,
+        in_stats, in_relu, bn_weight, bn_bias, running_mean, running_var, residual, batch_stats,
+        momentum, eps, relu, defer);
     const at::Tensor &raw = std::get<1>(outputs), &save_stats = std::get<2>(outputs);
     ctx->mark_non_differentiable({raw, save_stats, std::get<3>(outputs)});
     ctx->set_materialize_grads(false);
@@ -151,22 +137,14 @@ struct ConvBnActFunction : public torch::autograd::Function<ConvBnActFunction> {
     auto& data = ctx->saved_data;
     const bool has_conv_bias = data["has_conv_bias"].toBool();
     const bool defer = data["defer"].toBool();
-    const at::MemoryFormat fmt = memory_format_of(input);
-    const at::Tensor x = input.contiguous(fmt);
-    const auto acc = acc_options(x);
-    const int64_t Cin = x.size(1), Cout = weight.size(0);
-    const bool in_bn = in_stats.defined();
     auto [gi, gw, gcb, giw, gib, gbw, gbb, gr] = conv_bn_act_backward_cpu(
-        grad_outputs[0].contiguous(fmt), x, weight, has_conv_bias, data["stride"].toIntVector(),
+        grad_outputs[0], input, weight, has_conv_bias, data["stride"].toIntVector(),
         data["padding"].toIntVector(), data["dilation"].toIntVector(), data["groups"].toInt(),
-        in_bn ? given(affine_param(given(in_weight), Cin, 1.0, acc)) : std::nullopt,
-        in_bn ? given(affine_param(given(in_bias), Cin, 0.0, acc)) : std::nullopt,
-        per_channel(given(in_stats), acc), data["in_batch_stats"].toBool(),
-        data["in_relu"].toBool(), affine_param(given(bn_weight), Cout, 1.0, acc),
-        affine_param(given(bn_bias), Cout, 0.0, acc), dense(given(residual), fmt), raw,
-        save_stats.contiguous(), data["batch_stats"].toBool(), data["relu"].toBool(), defer);
-    grads[0] = grad_for(input, gi.contiguous(fmt));
-    grads[1] = grad_for(weight, gw.contiguous(memory_format_of(weight)));
+        given(in_weight), given(in_bias), given(in_stats), data["in_batch_stats"].toBool(),
+        data["in_relu"].toBool(), given(bn_weight), given(bn_bias), given(residual), raw,
+        save_stats, data["batch_stats"].toBool(), data["relu"].toBool(), defer);
+    grads[0] = grad_for(input, gi);
+    grads[1] = grad_for(weight, gw);
     grads[2] = has_conv_bias ? gcb : at::Tensor();
     grads[7] = grad_for(in_weight, giw);
     grads[8] = grad_for(in_bias, gib);

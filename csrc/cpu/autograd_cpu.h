@@ -1,8 +1,8 @@
 // The CPU backend's eager entry points of resnet_fast::bn_act and resnet_fast::conv_bn_act: the
 // ops' forward with their autograd formula as C++ autograd functions, so an eager call costs one
 // call from Python and a backward none. Arguments and outputs are the ops' (resnet_fast/ops.py)
-// without the trailing backend arguments; torch.compile and the dispatcher use the registered ops, whose
-// CPU implementation calls the same kernels.
+// without the trailing backend arguments; torch.compile and the dispatcher use the registered
+// ops, whose CPU implementation calls the same C++ functions.
 #pragma once
 
 #include <ATen/ATen.h>

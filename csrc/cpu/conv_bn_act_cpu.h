@@ -1,7 +1,9 @@
 // CPU path of the fused conv + BatchNorm (+ residual) + ReLU op outside the folded oneDNN eval
 // call: PyTorch's conv composed with the bn_act kernels in C++, so a layer costs one call from
-// Python per direction. The contract (arguments, returned tensors) is the backend interface of
-// resnet_fast::conv_bn_act in resnet_fast/ops.py, with the per-channel tensors materialised.
+// Python per direction. Arguments and returned tensors are those of resnet_fast::conv_bn_act and
+// its backward op (resnet_fast/ops.py) without the trailing flags, normalised here: activations
+// dense in the input's layout, absent BatchNorm weights and biases materialised, per-channel
+// tensors in the accumulation dtype.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,30 +16,33 @@ namespace resnet_fast {
 namespace cpu {
 
 // Returns (out, raw, save_stats (2, C), new_running (2, C) or empty). in_weight/in_bias/
-// in_stats, when given, normalise the input on load (the deferred BatchNorm of the previous
-// layer); bn_weight/bn_bias are materialised.
+// in_stats, when in_stats is given, normalise the input on load (the deferred BatchNorm of the
+// previous layer).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_act_forward_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& conv_bias,
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& conv_bias,
     const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
     const std::vector<int64_t>& dilation, int64_t groups,
     const std::optional<at::Tensor>& in_weight, const std::optional<at::Tensor>& in_bias,
-    const std::optional<at::Tensor>& in_stats, bool in_relu, const at::Tensor& bn_weight,
-    const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& in_stats, bool in_relu,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+    const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual,
     bool batch_stats, double momentum, double eps, bool relu, bool defer);
 
 // Returns (grad_input, grad_weight, grad_conv_bias, grad_in_weight, grad_in_bias,
-// grad_bn_weight, grad_bn_bias, grad_residual); absent gradients are empty.
+// grad_bn_weight, grad_bn_bias, grad_residual): grad_input in the input's layout, grad_weight
+// in the weight's; absent gradients are empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>
-conv_bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+conv_bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& input,
                          const at::Tensor& weight, bool has_conv_bias,
                          const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
                          const std::vector<int64_t>& dilation, int64_t groups,
                          const std::optional<at::Tensor>& in_weight,
                          const std::optional<at::Tensor>& in_bias,
                          const std::optional<at::Tensor>& in_stats, bool in_batch_stats,
-                         bool in_relu, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                         bool in_relu, const std::optional<at::Tensor>& bn_weight,
+                         const std::optional<at::Tensor>& bn_bias,
                          const std::optional<at::Tensor>& residual, const at::Tensor& raw,
                          const at::Tensor& save_stats, bool batch_stats, bool relu, bool defer);
 

@@ -34,6 +34,12 @@ inline std::optional<at::Tensor> per_channel(const std::optional<at::Tensor>& t,
   return t->to(acc.dtype().toScalarType()).contiguous();
 }
 
+// An optional activation dense in fmt (nullopt stays nullopt).
+inline std::optional<at::Tensor> dense(const std::optional<at::Tensor>& t, at::MemoryFormat fmt) {
+  if (!t.has_value() || !t->defined()) return std::nullopt;
+  return t->contiguous(fmt);
+}
+
 // A BatchNorm weight or bias of C channels, materialised: fill where it is absent.
 inline at::Tensor affine_param(const std::optional<at::Tensor>& t, int64_t C, double fill,
                                const at::TensorOptions& acc) {
