@@ -54,7 +54,7 @@ def _extensions():
     import torch
     from torch.utils import cpp_extension
 
-    sources = [os.path.join("csrc", "extension.cpp")] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     # at::parallel_for is OpenMP in PyTorch's CPU builds: without -fopenmp its loops run on one
     # thread. The libgomp.so.1 linked here resolves to the one torch has already loaded.
     cxx = ["-O3", "-std=c++17", "-fopenmp"] + _cpu_vector_flags()

@@ -92,12 +92,13 @@ def main(argv=None) -> int:
                 r = torch.randn_like(x) if has_res else None
                 w, b = torch.rand(C, device="cuda") + 0.5, torch.randn(C, device="cuda")
                 rm, rv = torch.zeros(C, device="cuda"), torch.ones(C, device="cuda")
-                rbn = (w.clone(), b.clone(), rm.clone(), rv.clone()) if res_bn else (None,) * 4
+                rbn = ((w.clone(), b.clone(), rm.clone(), rv.clone(), None) if res_bn
+                       else (None,) * 5)
                 g = torch.randn_like(x)
 
                 def forward(training):
-                    return ops.bn_act(x, w, b, rm, rv, r, *rbn, res_bn, training, 0.1, 1e-5,
-                                      True, backend)
+                    return ops.bn_act(x, w, b, rm, rv, None, r, *rbn, res_bn, training, 0.1,
+                                      1e-5, True, backend)
 
                 stats = forward(True)[1]
                 passes = {

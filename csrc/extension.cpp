@@ -1,7 +1,7 @@
-// The Python module resnet_fast._C: CPU kernels always, CUDA kernels when built with CUDA.
+// The Python module resnet_fast._C: CPU kernels always, CUDA kernels when built with CUDA. The
+// ops themselves are defined in ops.cpp, linked into the same module.
 #include <torch/extension.h>
 
-#include "cpu/autograd_cpu.h"
 #include "cpu/bn_act_cpu.h"
 #include "cpu/conv_bn_act_cpu.h"
 #ifdef RESNET_FAST_WITH_CUDA
@@ -48,22 +48,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("in_stats"), py::arg("in_batch_stats"), py::arg("in_relu"),
         py::arg("bn_weight"), py::arg("bn_bias"), py::arg("residual"), py::arg("raw"),
         py::arg("save_stats"), py::arg("batch_stats"), py::arg("relu"), py::arg("defer"));
-  m.def("bn_act_cpu", &resnet_fast::cpu::bn_act_cpu,
-        "resnet_fast::bn_act on CPU tensors with its autograd formula (eager mode)",
-        py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("running_mean"),
-        py::arg("running_var"), py::arg("residual"), py::arg("residual_weight"),
-        py::arg("residual_bias"), py::arg("residual_running_mean"),
-        py::arg("residual_running_var"), py::arg("residual_bn"), py::arg("training"),
-        py::arg("momentum"), py::arg("eps"), py::arg("relu"));
-  m.def("conv_bn_act_cpu", &resnet_fast::cpu::conv_bn_act_cpu,
-        "resnet_fast::conv_bn_act on CPU tensors with its autograd formula (eager mode; not the "
-        "folded eval call)",
-        py::arg("input"), py::arg("weight"), py::arg("conv_bias"), py::arg("stride"),
-        py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("in_weight"),
-        py::arg("in_bias"), py::arg("in_stats"), py::arg("in_batch_stats"), py::arg("in_relu"),
-        py::arg("bn_weight"), py::arg("bn_bias"), py::arg("running_mean"),
-        py::arg("running_var"), py::arg("residual"), py::arg("batch_stats"),
-        py::arg("momentum"), py::arg("eps"), py::arg("relu"), py::arg("defer"));
 #ifdef RESNET_FAST_WITH_CUDA
   resnet_fast::register_cuda_bindings(m);
   resnet_fast::register_conv_cuda_bindings(m);

@@ -2,8 +2,9 @@
 eager, and a drop-in torchvision-style ResNet family built on them (:mod:`resnet_fast.models`,
 :func:`convert`).
 
-``import resnet_fast`` works without the compiled extension; the backends that need it then say
-why they are unavailable (:func:`available_backends`, :func:`unavailable_reason`).
+The compiled extension ``resnet_fast._C`` defines the ops and holds the CPU kernels: without it
+``import resnet_fast`` fails with an ``ImportError`` that says how to build it. A backend that
+cannot run says why (:func:`available_backends`, :func:`unavailable_reason`).
 """
 
 from resnet_fast import ops  # noqa: F401  (registers the resnet_fast:: ops)

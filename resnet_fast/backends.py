@@ -22,12 +22,13 @@ an error that says why, never a silent fallback.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 from typing import Optional, Union
 
 import torch
+
+from resnet_fast.ops import _C
 
 __all__ = ["BACKENDS", "available_backends", "unavailable_reason", "resolve_backend"]
 
@@ -39,18 +40,6 @@ _DEFAULT_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "refer
 ENV_VAR = "RESNET_FAST_BACKEND"
 
 
-def _probe_extension() -> tuple[Optional[str], bool]:
-    """(why resnet_fast._C cannot be used or None, whether it holds the CUDA kernels)."""
-    try:
-        ext = importlib.import_module("resnet_fast._C")
-    except ImportError as exc:
-        return (
-            f"the compiled extension resnet_fast._C could not be imported ({exc}); build it with "
-            "`pip install -e . --no-build-isolation` (or `make test`)"
-        ), False
-    return None, bool(getattr(ext, "with_cuda", False))
-
-
 def _probe_triton() -> Optional[str]:
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed (`pip install triton`)"
@@ -60,7 +49,7 @@ def _probe_triton() -> Optional[str]:
 
 
 # Probed once at import, so that resolving a backend inside torch.compile reads constants only.
-_EXTENSION_ERROR, _EXTENSION_HAS_CUDA = _probe_extension()
+_EXTENSION_HAS_CUDA = bool(_C.with_cuda)
 _TRITON_ERROR = _probe_triton()
 
 
@@ -77,9 +66,7 @@ def unavailable_reason(backend: str, device: Union[str, torch.device]) -> Option
     if backend == "reference":
         return None
     if backend == "cpu":
-        if kind != "cpu":
-            return f"backend 'cpu' runs on CPU tensors only, not on {kind}"
-        return _EXTENSION_ERROR
+        return None if kind == "cpu" else f"backend 'cpu' runs on CPU tensors only, not on {kind}"
     if backend == "triton":
         if kind == "cpu" and not _triton_interpreted():
             return (
@@ -94,8 +81,6 @@ def unavailable_reason(backend: str, device: Union[str, torch.device]) -> Option
     # backend == "cuda"
     if kind != "cuda":
         return f"backend 'cuda' runs on CUDA tensors only, not on {kind}"
-    if _EXTENSION_ERROR is not None:
-        return _EXTENSION_ERROR
     if not _EXTENSION_HAS_CUDA:
         return (
             "resnet_fast._C was built without CUDA kernels (torch had no CUDA or nvcc was not "

@@ -59,7 +59,10 @@ class _BatchNormArgs(NamedTuple):
 
 
 def _check_activation(name: str, t: object, like: Optional[Tensor] = None,
-                      like_name: str = "the input's") -> None:
+                      like_name: str = "the input's",
+                      shape: Optional[tuple[int, ...]] = None) -> None:
+    """Checks activation ``t``: on its own (4-D, a supported dtype, not empty), or against
+    ``like`` (its shape, or ``shape`` when given; its dtype and device)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
@@ -76,10 +79,9 @@ def _check_activation(name: str, t: object, like: Optional[Tensor] = None,
         if t.numel() == 0:
             raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
         return
-    if t.shape != like.shape:
-        raise ValueError(
-            f"{name} must have {like_name} shape {tuple(like.shape)}, got {tuple(t.shape)}"
-        )
+    shape = tuple(like.shape) if shape is None else tuple(shape)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have {like_name} shape {shape}, got {tuple(t.shape)}")
     if t.device != like.device:
         raise ValueError(f"{name} is on {t.device} but input is on {like.device}")
     if t.dtype != like.dtype:
@@ -164,23 +166,25 @@ def _fused(
             "momentum=None needs num_batches_tracked and residual_num_batches_tracked to be equal "
             "(the two BatchNorms of a block end are updated together)"
         )
-    factors = [_momentum_factor(momentum, training, b.running_mean, b.num_batches_tracked)
-               for b in branches]
+    factors = [_momentum_factor(momentum, training, b.running_mean, b.num_batches_tracked,
+                                count=False) for b in branches]
     rb = residual_bn if residual_bn is not None else _BatchNormArgs(None, None, None, None, None)
     # Eval with running statistics normalises with them; otherwise batch statistics are used,
-    # and the running statistics (when given) are updated.
+    # and the running statistics and batch counters (when given) are updated by the op.
     batch_stats = training or bn.running_mean is None
-    out, _save_stats, new_running = ops.fused_bn_act(
+    out, _save_stats = ops.bn_act(
         input,
         bn.weight,
         bn.bias,
         bn.running_mean,
         bn.running_var,
+        bn.num_batches_tracked,
         residual,
         rb.weight,
         rb.bias,
         rb.running_mean,
         rb.running_var,
+        rb.num_batches_tracked,
         residual_bn is not None,
         batch_stats,
         factors[0],
@@ -188,10 +192,6 @@ def _fused(
         True,
         name,
     )
-    if training and bn.running_mean is not None:
-        with torch.no_grad():
-            stats = [t for b in branches for t in (b.running_mean, b.running_var)]
-            torch._foreach_copy_(stats, list(new_running.flatten(0, 1).unbind(0)))
     return out
 
 
@@ -302,9 +302,9 @@ class DeferredBatchNorm(NamedTuple):
         if self.backend == "reference":
             y = F.batch_norm(self.raw, None, None, self.weight, self.bias, True, 0.0, self.eps)
             return F.relu(y) if self.relu else y
-        return ops.fused_bn_act(
-            self.raw, self.weight, self.bias, None, None, None, None, None, None, None, False,
-            True, 0.0, self.eps, self.relu, self.backend,
+        return ops.bn_act(
+            self.raw, self.weight, self.bias, None, None, None, None, None, None, None, None,
+            None, False, True, 0.0, self.eps, self.relu, self.backend,
         )[0]
 
 
@@ -428,8 +428,8 @@ def conv_bn_relu(
             raise TypeError(f"residual must be a Tensor or None, got {type(residual).__name__}")
         if residual.is_floating_point() and residual.dtype != x.dtype and cast is not None:
             residual = residual.to(x.dtype)
-        _check_activation("residual", residual, like=x.new_empty(()).expand(shape),
-                          like_name="the conv output's")
+        _check_activation("residual", residual, like=x, like_name="the conv output's",
+                          shape=shape)
     name = resolve_backend(backend, x.device)
     batch_stats = training or running_mean is None
     defer = bool(defer) and batch_stats
@@ -456,22 +456,19 @@ def conv_bn_relu(
                 F.batch_norm(raw, running_mean, running_var, None, None, True, factor, eps)
         return DeferredBatchNorm(raw, stats, bn_weight, bn_bias, relu, eps, name)
 
-    factor = _momentum_factor(momentum, training, running_mean, num_batches_tracked)
+    factor = _momentum_factor(momentum, training, running_mean, num_batches_tracked, count=False)
     tensors = (x, conv_weight, conv_bias, bn_weight, bn_bias, residual,
                *((deferred.weight, deferred.bias) if deferred is not None else ()))
     save_raw = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors)
     prologue = ((deferred.weight, deferred.bias, deferred.stats, deferred.relu)
                 if deferred is not None else (None, None, None, False))
-    out, _raw, save_stats, new_running = ops.fused_conv_bn_act(
+    out, _raw, save_stats = ops.conv_bn_act(
         x, conv_weight, conv_bias, list(stride), list(padding), list(dilation), groups,
         *prologue[:3], True, prologue[3],
-        bn_weight, bn_bias, running_mean, running_var, residual,
+        bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, residual,
         batch_stats, factor, eps, relu, defer, save_raw, name,
     )
-    if training and running_mean is not None:
-        with torch.no_grad():
-            torch._foreach_copy_([running_mean, running_var], list(new_running.unbind(0)))
     if defer:
         return DeferredBatchNorm(out, save_stats, bn_weight, bn_bias, relu, eps, name)
     return out

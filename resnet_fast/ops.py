@@ -1,15 +1,18 @@
-"""The ``torch.library`` registration of resnet_fast's fused ops: schemas, fake kernels, autograd.
+"""resnet_fast's fused ops: their device kernels and fake kernels.
 
-Every backend runs under the same op, chosen by its ``backend`` argument, so ``torch.compile``,
-``torch.library.opcheck`` and autograd see one op whatever the device and backend:
+The four ops are defined, with the autograd formulas of the two differentiable ones, by the
+compiled extension (``csrc/ops.cpp``); this module registers their CPU and CUDA kernels and their
+fake kernels. Every backend runs under the same op, chosen by its ``backend`` argument, so
+eager mode, ``torch.compile``, ``torch.library.opcheck`` and autograd see one op whatever the
+device and backend:
 
-``resnet_fast::bn_act`` (functional; differentiable)
+``resnet_fast::bn_act`` (differentiable; updates the running statistics it is given)
     ``out = act(batch_norm(input) + r_term)`` with ``r_term`` = 0, ``residual``, or
-    ``batch_norm(residual)`` when ``residual_bn``. Returns ``(out, save_stats, new_running)``:
+    ``batch_norm(residual)`` when ``residual_bn``. Returns ``(out, save_stats)``:
     ``save_stats`` is ``(B, 2, C)`` (mean, invstd) per BatchNorm branch (``B`` = 2 with
-    ``residual_bn``), the statistics backward needs; ``new_running`` is the updated running
-    ``(mean, var)`` per branch, or an empty tensor when no statistics are tracked. The op does not
-    mutate its inputs: :mod:`resnet_fast.functional` copies ``new_running`` into the buffers.
+    ``residual_bn``), the statistics backward needs. In training the running means and variances
+    given are updated in place and the batch counters (``num_batches_tracked``) incremented, as
+    ``nn.BatchNorm2d`` does; ``momentum`` is the exponential-average factor to update with.
 ``resnet_fast::bn_act_backward`` (functional)
     The gradients of ``bn_act``; its autograd formula calls it.
 
@@ -17,16 +20,19 @@ Arguments reaching a backend are normalised here (see ``_prepare``): ``input``, 
 and ``grad_out`` dense in one layout (NCHW or channels_last, the input's), weight and bias
 materialised and, like all per-channel tensors, in the accumulation dtype (float64 for float64
 input, float32 otherwise). The backends implement ``forward`` and ``backward`` with the same
-arguments as the two ops minus ``backend``.
+arguments as the two ops minus ``backend``; their ``forward`` returns the updated running
+statistics as a third output (``(B, 2, C)`` (mean, var), or empty when none are tracked), which
+the registered kernel copies into the running buffers.
 
-``resnet_fast::conv_bn_act`` (functional; differentiable)
+``resnet_fast::conv_bn_act`` (differentiable; updates the running statistics it is given)
     ``act(batch_norm(conv2d(a)) + residual)`` where ``a`` is the input, or, given ``in_stats``,
     the input normalised on load by a preceding BatchNorm (+ ReLU) whose batch statistics are
     already known (the hand-off of :class:`resnet_fast.functional.DeferredBatchNorm`). With
     ``defer`` the op stops before normalising and returns the conv output with its statistics.
-    Returns ``(out, raw, save_stats, new_running)``: ``raw`` is the pre-BN conv output when
-    backward needs it and ``out`` is not already that (else empty), ``save_stats`` the ``(2, C)``
-    (mean, invstd) that normalised, ``new_running`` as for ``bn_act`` but ``(2, C)``.
+    Returns ``(out, raw, save_stats)``: ``raw`` is the pre-BN conv output when backward needs it
+    and ``out`` is not already that (else empty), ``save_stats`` the ``(2, C)`` (mean, invstd)
+    that normalised. With batch statistics the running statistics and the batch counter are
+    updated as by ``bn_act``.
 ``resnet_fast::conv_bn_act_backward`` (functional)
     Its gradients: the BatchNorm/ReLU part with ``bn_act``'s backward kernels, the conv part
     with ``aten.convolution_backward`` on the recomputed (never saved) normalised input, then
@@ -53,10 +59,8 @@ from torch import Tensor
 __all__ = [
     "bn_act",
     "bn_act_backward",
-    "fused_bn_act",
     "conv_bn_act",
     "conv_bn_act_backward",
-    "fused_conv_bn_act",
     "conv_output_shape",
     "memory_format_of",
     "acc_dtype_of",
@@ -77,10 +81,13 @@ def acc_dtype_of(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _extension():
-    """The compiled module ``resnet_fast._C`` (imported when first needed: the package works
-    without it, and the backends that need it say so)."""
-    return importlib.import_module("resnet_fast._C")
+try:  # defines the ops (csrc/ops.cpp) and holds the cpu and cuda kernels
+    _C = importlib.import_module("resnet_fast._C")
+except ImportError as exc:
+    raise ImportError(
+        f"resnet_fast's compiled extension resnet_fast._C could not be imported ({exc}): it "
+        "defines the fused ops and holds the cpu kernels. Build it with "
+        "`pip install -e . --no-build-isolation` (or `make test`)") from exc
 
 
 def _backend_kernels(backend: str):
@@ -89,8 +96,8 @@ def _backend_kernels(backend: str):
         module = importlib.import_module("resnet_fast.triton.bn_act")
         return module.forward, module.backward
     if backend in ("cpu", "cuda"):
-        ext = _extension()
-        return getattr(ext, f"bn_act_forward_{backend}"), getattr(ext, f"bn_act_backward_{backend}")
+        return (getattr(_C, f"bn_act_forward_{backend}"),
+                getattr(_C, f"bn_act_backward_{backend}"))
     raise ValueError(f"backend {backend!r} has no kernels behind resnet_fast::bn_act")
 
 
@@ -150,24 +157,18 @@ def _bn_act_forward(
     )
 
 
-bn_act = torch.library.custom_op("resnet_fast::bn_act", _bn_act_forward, mutates_args=())
-
-
-@bn_act.register_fake
+@torch.library.register_fake("resnet_fast::bn_act")
 def _bn_act_fake(
-    input, weight, bias, running_mean, running_var, residual, residual_weight, residual_bias,
-    residual_running_mean, residual_running_var, residual_bn, training, momentum, eps, relu,
-    backend,
+    input, weight, bias, running_mean, running_var, num_batches_tracked, residual,
+    residual_weight, residual_bias, residual_running_mean, residual_running_var,
+    residual_num_batches_tracked, residual_bn, training, momentum, eps, relu, backend,
 ):
     acc = acc_dtype_of(input.dtype)
     C = input.shape[1]
     B = 2 if residual_bn else 1
     out = torch.empty(input.shape, dtype=input.dtype, device=input.device,
                       memory_format=memory_format_of(input))
-    save_stats = input.new_empty((B, 2, C), dtype=acc)
-    tracks = training and running_mean is not None
-    new_running = input.new_empty((B, 2, C) if tracks else (0,), dtype=acc)
-    return out, save_stats, new_running
+    return out, input.new_empty((B, 2, C), dtype=acc)
 
 
 def _bn_act_backward(
@@ -193,11 +194,7 @@ def _bn_act_backward(
     )
 
 
-bn_act_backward = torch.library.custom_op("resnet_fast::bn_act_backward", _bn_act_backward,
-                                          mutates_args=())
-
-
-@bn_act_backward.register_fake
+@torch.library.register_fake("resnet_fast::bn_act_backward")
 def _bn_act_backward_fake(
     grad_out, input, weight, bias, residual, residual_weight, residual_bias, save_stats,
     residual_bn, training, relu, backend,
@@ -215,92 +212,6 @@ def _bn_act_backward_fake(
     grad_residual = like_input() if residual is not None else per_channel(False)
     return (like_input(), per_channel(True), per_channel(True), grad_residual,
             per_channel(residual_bn), per_channel(residual_bn))
-
-
-def _bn_act_setup_context(ctx, inputs, output):
-    (input, weight, bias, _rm, _rv, residual, residual_weight, residual_bias, _rrm, _rrv,
-     residual_bn, training, _momentum, _eps, relu, backend) = inputs
-    _out, save_stats, new_running = output
-    ctx.mark_non_differentiable(save_stats, new_running)
-    # The auxiliary outputs (statistics) take no gradient: none is formed for them.
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(input, weight, bias, residual, residual_weight, residual_bias,
-                          save_stats)
-    ctx.flags = (residual_bn, training, relu, backend)
-
-
-def _bn_act_input_grads(ctx, grad_out, backward):
-    """The gradients of bn_act's 16 inputs, from ``backward`` (the op or its implementation)."""
-    if grad_out is None:  # the output itself did not reach the loss
-        return (None,) * 16
-    input, weight, bias, residual, residual_weight, residual_bias, save_stats = ctx.saved_tensors
-    residual_bn, training, relu, backend = ctx.flags
-    gx, gw, gb, gr, grw, grb = backward(
-        grad_out, input, weight, bias, residual, residual_weight, residual_bias, save_stats,
-        residual_bn, training, relu, backend,
-    )
-
-    def param_grad(grad, param):
-        return None if param is None or not param.requires_grad else grad.to(param.dtype)
-
-    grad_residual = None if residual is None else gr.to(residual.dtype)
-    return (
-        gx, param_grad(gw, weight), param_grad(gb, bias), None, None,
-        grad_residual, param_grad(grw, residual_weight), param_grad(grb, residual_bias),
-        None, None, None, None, None, None, None, None,
-    )
-
-
-bn_act.register_autograd(
-    lambda ctx, grad_out, _grad_stats, _grad_running: _bn_act_input_grads(
-        ctx, grad_out, bn_act_backward),
-    setup_context=_bn_act_setup_context,
-)
-
-
-def _eager_function(name: str, forward: Callable, setup_context: Callable,
-                    input_grads: Callable) -> type:
-    """An ``autograd.Function`` running an op's implementation and autograd formula directly.
-
-    ``fused_*`` use it in eager mode: it skips the dispatcher's per-call cost for Python custom
-    ops (a few hundred microseconds per forward + backward, more than a small BatchNorm takes),
-    while ``torch.compile`` sees the registered op with its fake kernel and backward op.
-    """
-
-    def forward_(ctx, *inputs):
-        output = forward(*inputs)
-        setup_context(ctx, inputs, output)
-        return output
-
-    def backward_(ctx, grad_out, *_grad_aux):
-        return input_grads(ctx, grad_out)
-
-    return type(name, (torch.autograd.Function,),
-                {"forward": staticmethod(forward_), "backward": staticmethod(backward_)})
-
-
-_BnActFunction = _eager_function(
-    "_BnActFunction", _bn_act_forward, _bn_act_setup_context,
-    lambda ctx, grad_out: _bn_act_input_grads(ctx, grad_out, _bn_act_backward))
-
-
-def _needs_grad(inputs) -> bool:
-    return torch.is_grad_enabled() and any(
-        isinstance(t, Tensor) and t.requires_grad for t in inputs)
-
-
-def fused_bn_act(*inputs):
-    """``resnet_fast::bn_act`` with its autograd formula, arguments as the op's: the registered
-    op under ``torch.compile`` (or any dynamo trace); in eager mode the ``cpu`` backend's C++
-    autograd function, else the op's implementation, through a plain ``autograd.Function`` when
-    a gradient is needed."""
-    if torch.compiler.is_compiling():
-        return bn_act(*inputs)
-    if inputs[-1] == "cpu":
-        return tuple(_extension().bn_act_cpu(*inputs[:-1]))
-    if not _needs_grad(inputs):
-        return _bn_act_forward(*inputs)
-    return _BnActFunction.apply(*inputs)
 
 
 # --------------------------------------------------------------------------- conv + BN + act
@@ -325,7 +236,7 @@ def _conv_launcher(backend: str) -> Optional[Callable]:
     if backend == "triton":
         return importlib.import_module("resnet_fast.triton.conv_bn_act").conv2d_bn_act
     if backend == "cuda":
-        return _extension().conv2d_bn_act_cuda
+        return _C.conv2d_bn_act_cuda
     if backend == "cpu":
         return None
     raise ValueError(f"backend {backend!r} has no kernels behind resnet_fast::conv_bn_act")
@@ -444,7 +355,7 @@ def _conv_bn_act_forward(
     if defer and not batch_stats:
         raise ValueError("defer=True needs batch statistics (training, or no running statistics)")
     if _cpu_composite(backend, input.dtype, batch_stats, save_raw):
-        return _extension().conv_bn_act_forward_cpu(
+        return _C.conv_bn_act_forward_cpu(
             input, weight, conv_bias, stride, padding, dilation, groups, in_weight, in_bias,
             in_stats, in_relu, bn_weight, bn_bias, running_mean, running_var, residual,
             batch_stats, momentum, eps, relu, defer)
@@ -517,15 +428,11 @@ def _conv_bn_act_forward(
     return apply(raw, mean, var), raw, save_stats, new_running
 
 
-conv_bn_act = torch.library.custom_op("resnet_fast::conv_bn_act", _conv_bn_act_forward,
-                                      mutates_args=())
-
-
-@conv_bn_act.register_fake
+@torch.library.register_fake("resnet_fast::conv_bn_act")
 def _conv_bn_act_fake(
     input, weight, conv_bias, stride, padding, dilation, groups, in_weight, in_bias, in_stats,
-    in_batch_stats, in_relu, bn_weight, bn_bias, running_mean, running_var, residual,
-    batch_stats, momentum, eps, relu, defer, save_raw, backend,
+    in_batch_stats, in_relu, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+    residual, batch_stats, momentum, eps, relu, defer, save_raw, backend,
 ):
     acc = acc_dtype_of(input.dtype)
     shape = conv_output_shape(input.shape, weight.shape, stride, padding, dilation)
@@ -538,9 +445,7 @@ def _conv_bn_act_fake(
 
     keeps_raw = not defer and (batch_stats or save_raw
                                or _cpu_composite(backend, input.dtype, batch_stats, save_raw))
-    tracks = batch_stats and running_mean is not None
-    return (activation(True), activation(keeps_raw), input.new_empty((2, shape[1]), dtype=acc),
-            input.new_empty((2, shape[1]) if tracks else (0,), dtype=acc))
+    return activation(True), activation(keeps_raw), input.new_empty((2, shape[1]), dtype=acc)
 
 
 def _conv_bn_act_backward(
@@ -568,7 +473,7 @@ def _conv_bn_act_backward(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if backend == "cpu":  # composed in C++
-        return _extension().conv_bn_act_backward_cpu(
+        return _C.conv_bn_act_backward_cpu(
             grad_out, input, weight, has_conv_bias, stride, padding, dilation, groups, in_weight,
             in_bias, in_stats, in_batch_stats, in_relu, bn_weight, bn_bias, residual, raw,
             save_stats, batch_stats, relu, defer)
@@ -601,11 +506,7 @@ def _conv_bn_act_backward(
             grad_in_weight, grad_in_bias, grad_bn_weight, grad_bn_bias, grad_residual)
 
 
-conv_bn_act_backward = torch.library.custom_op(
-    "resnet_fast::conv_bn_act_backward", _conv_bn_act_backward, mutates_args=())
-
-
-@conv_bn_act_backward.register_fake
+@torch.library.register_fake("resnet_fast::conv_bn_act_backward")
 def _conv_bn_act_backward_fake(
     grad_out, input, weight, has_conv_bias, stride, padding, dilation, groups, in_weight,
     in_bias, in_stats, in_batch_stats, in_relu, bn_weight, bn_bias, residual, raw, save_stats,
@@ -628,62 +529,56 @@ def _conv_bn_act_backward_fake(
             per_channel(not defer, Cout), per_channel(not defer, Cout), grad_residual)
 
 
-def _conv_bn_act_setup_context(ctx, inputs, output):
-    (input, weight, conv_bias, stride, padding, dilation, groups, in_weight, in_bias, in_stats,
-     in_batch_stats, in_relu, bn_weight, bn_bias, _rm, _rv, residual, batch_stats, _momentum,
-     _eps, relu, defer, _save_raw, backend) = inputs
-    _out, raw, save_stats, new_running = output
-    ctx.mark_non_differentiable(raw, save_stats, new_running)
-    ctx.set_materialize_grads(False)  # as for bn_act
-    ctx.save_for_backward(input, weight, in_weight, in_bias, in_stats, bn_weight, bn_bias,
-                          residual, raw, save_stats)
-    ctx.args = (conv_bias is not None, stride, padding, dilation, groups, in_batch_stats,
-                in_relu, batch_stats, relu, defer, backend)
+# ------------------------------------------------------------------------- the registered ops
 
 
-def _conv_bn_act_input_grads(ctx, grad_out, backward):
-    """The gradients of conv_bn_act's 24 inputs, from ``backward`` (the op or its
-    implementation)."""
-    if grad_out is None:  # the output itself did not reach the loss
-        return (None,) * 24
-    (input, weight, in_weight, in_bias, in_stats, bn_weight, bn_bias, residual, raw,
-     save_stats) = ctx.saved_tensors
-    (has_conv_bias, stride, padding, dilation, groups, in_batch_stats, in_relu, batch_stats,
-     relu, defer, backend) = ctx.args
-    gi, gw, gcb, giw, gib, gbw, gbb, gr = backward(
-        grad_out, input, weight, has_conv_bias, stride, padding, dilation, groups, in_weight,
-        in_bias, in_stats, in_batch_stats, in_relu, bn_weight, bn_bias, residual, raw,
-        save_stats, batch_stats, relu, defer, backend)
-
-    def grad_of(grad, t):
-        return None if t is None or not t.requires_grad else grad.to(t.dtype)
-
-    if defer:  # the BatchNorm's parameters get their gradients from the conv normalising on load
-        bn_weight = bn_bias = None
-    return (grad_of(gi, input), grad_of(gw, weight), gcb if has_conv_bias else None,
-            None, None, None, None, grad_of(giw, in_weight), grad_of(gib, in_bias), None, None,
-            None, grad_of(gbw, bn_weight), grad_of(gbb, bn_bias), None, None,
-            grad_of(gr, residual), None, None, None, None, None, None, None)
+def _update_running(tracks: bool, new_running: Tensor, running: Sequence[Optional[Tensor]],
+                    counters: Sequence[Optional[Tensor]]) -> None:
+    """What a forward op updates when ``tracks`` (batch statistics, running statistics given):
+    the running ``(mean, var)`` of each branch (``running``, in ``new_running``'s ``(B, 2, C)``
+    or ``(2, C)`` order) and the branches' batch counters, as ``nn.BatchNorm2d`` does."""
+    if not tracks:
+        return
+    rows = new_running.reshape(-1, new_running.shape[-1]).unbind(0)
+    torch._foreach_copy_([t for t in running if t is not None], list(rows))
+    for counter in counters:
+        if counter is not None:
+            counter.add_(1)
 
 
-conv_bn_act.register_autograd(
-    lambda ctx, grad_out, _grad_raw, _grad_stats, _grad_running: _conv_bn_act_input_grads(
-        ctx, grad_out, conv_bn_act_backward),
-    setup_context=_conv_bn_act_setup_context,
-)
+def _bn_act_kernel(input, weight, bias, running_mean, running_var, num_batches_tracked, residual,
+                   residual_weight, residual_bias, residual_running_mean, residual_running_var,
+                   residual_num_batches_tracked, residual_bn, training, momentum, eps, relu,
+                   backend):
+    out, save_stats, new_running = _bn_act_forward(
+        input, weight, bias, running_mean, running_var, residual, residual_weight,
+        residual_bias, residual_running_mean, residual_running_var, residual_bn, training,
+        momentum, eps, relu, backend)
+    _update_running(training and running_mean is not None, new_running,
+                    (running_mean, running_var, residual_running_mean, residual_running_var),
+                    (num_batches_tracked, residual_num_batches_tracked))
+    return out, save_stats
 
-_ConvBnActFunction = _eager_function(
-    "_ConvBnActFunction", _conv_bn_act_forward, _conv_bn_act_setup_context,
-    lambda ctx, grad_out: _conv_bn_act_input_grads(ctx, grad_out, _conv_bn_act_backward))
+
+def _conv_bn_act_kernel(input, weight, conv_bias, stride, padding, dilation, groups, in_weight,
+                        in_bias, in_stats, in_batch_stats, in_relu, bn_weight, bn_bias,
+                        running_mean, running_var, num_batches_tracked, residual, batch_stats,
+                        momentum, eps, relu, defer, save_raw, backend):
+    out, raw, save_stats, new_running = _conv_bn_act_forward(
+        input, weight, conv_bias, stride, padding, dilation, groups, in_weight, in_bias,
+        in_stats, in_batch_stats, in_relu, bn_weight, bn_bias, running_mean, running_var,
+        residual, batch_stats, momentum, eps, relu, defer, save_raw, backend)
+    _update_running(batch_stats and running_mean is not None, new_running,
+                    (running_mean, running_var), (num_batches_tracked,))
+    return out, raw, save_stats
 
 
-def fused_conv_bn_act(*inputs):
-    """``resnet_fast::conv_bn_act`` with its autograd formula, arguments as the op's (see
-    :func:`fused_bn_act`; the folded oneDNN eval call of the ``cpu`` backend runs in Python)."""
-    if torch.compiler.is_compiling():
-        return conv_bn_act(*inputs)
-    if _cpu_composite(inputs[23], inputs[0].dtype, inputs[17], inputs[22]):
-        return tuple(_extension().conv_bn_act_cpu(*inputs[:22]))
-    if not _needs_grad(inputs):
-        return _conv_bn_act_forward(*inputs)
-    return _ConvBnActFunction.apply(*inputs)
+for _name, _kernel in (("bn_act", _bn_act_kernel), ("bn_act_backward", _bn_act_backward),
+                       ("conv_bn_act", _conv_bn_act_kernel),
+                       ("conv_bn_act_backward", _conv_bn_act_backward)):
+    torch.library.register_kernel(f"resnet_fast::{_name}", ("cpu", "cuda"), _kernel)
+
+bn_act = torch.ops.resnet_fast.bn_act.default
+bn_act_backward = torch.ops.resnet_fast.bn_act_backward.default
+conv_bn_act = torch.ops.resnet_fast.conv_bn_act.default
+conv_bn_act_backward = torch.ops.resnet_fast.conv_bn_act_backward.default

@@ -27,20 +27,23 @@ def _momentum_factor(
     training: bool,
     running_mean: Optional[Tensor],
     num_batches_tracked: Optional[Tensor],
+    count: bool = True,
 ) -> float:
-    """The exponential-average factor ``nn.BatchNorm2d.forward`` would pass to ``F.batch_norm``."""
+    """The exponential-average factor ``nn.BatchNorm2d.forward`` would pass to ``F.batch_norm``,
+    counting this batch in ``num_batches_tracked`` as it does when ``count`` (the fused ops
+    count it themselves: with ``count=False`` the counter is read, not updated)."""
     if not (training and running_mean is not None):
         return 0.0 if momentum is None else momentum
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-    if momentum is not None:
-        return momentum
-    if num_batches_tracked is None:
+    if momentum is None and num_batches_tracked is None:
         raise ValueError(
             "momentum=None (cumulative moving average) needs num_batches_tracked, the count of "
             "batches seen so far, as nn.BatchNorm2d keeps it"
         )
-    return 1.0 / float(num_batches_tracked)
+    if num_batches_tracked is not None and count:
+        num_batches_tracked.add_(1)
+    if momentum is not None:
+        return momentum
+    return 1.0 / (float(num_batches_tracked) + (0 if count else 1))
 
 
 def _batch_norm(

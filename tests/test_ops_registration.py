@@ -32,10 +32,14 @@ def _bn_act_args(mode, training, track, backend, dtype=torch.float32, memory_for
         lambda: (None, None))
     rm, rv = stats()
     rrm, rrv = stats() if rbn else (None, None)
+
+    def counter(present):
+        return torch.tensor(3, device=DEVICE) if present and track else None
+
     return (x.requires_grad_(requires_grad), per_channel(0.5, True), per_channel(-0.5, True),
-            rm, rv, r,
+            rm, rv, counter(True), r,
             per_channel(0.5, True) if rbn else None, per_channel(-0.5, True) if rbn else None,
-            rrm, rrv, rbn, training, 0.1, 1e-5, True, backend)
+            rrm, rrv, counter(rbn), rbn, training, 0.1, 1e-5, True, backend)
 
 
 OPCHECK_CASES = [
@@ -56,8 +60,8 @@ def test_opcheck_bn_act(backend, mode, training, track, memory_format):
 @pytest.mark.parametrize("mode,training,track", OPCHECK_CASES[:6])
 def test_opcheck_bn_act_backward(backend, mode, training, track):
     args = _bn_act_args(mode, training, track, backend, requires_grad=False)
-    out, save_stats, _ = ops.bn_act(*args)
-    x, w, b, _rm, _rv, r, rw, rb = args[:8]
+    out, save_stats = ops.bn_act(*args)
+    x, w, b, _rm, _rv, _count, r, rw, rb = args[:9]
     grad = torch.randn_like(out)
     torch.library.opcheck(
         ops.bn_act_backward, (grad, x, w, b, r, rw, rb, save_stats, mode == "bn", training, True,
@@ -170,7 +174,8 @@ def _conv_bn_act_args(backend, mode, requires_grad=True, dtype=torch.float32,
     training = mode not in ("eval", "eval_inference")
     return (x, w, conv_bias, [2, 2], [1, 1], [1, 1], 1, *prologue, True, True,
             per_channel(Cout, 0.5, True), per_channel(Cout, -0.5, True),
-            per_channel(Cout, -0.5, False), per_channel(Cout, 0.5, False), r,
+            per_channel(Cout, -0.5, False), per_channel(Cout, 0.5, False),
+            torch.tensor(3, device=DEVICE), r,
             training, 0.1, 1e-5, not residual, mode == "defer", mode != "eval_inference",
             backend)
 
@@ -190,9 +195,9 @@ def test_opcheck_conv_bn_act(backend, mode, memory_format):
 @pytest.mark.parametrize("mode", ["train", "eval", "defer", "prologue", "residual"])
 def test_opcheck_conv_bn_act_backward(backend, mode):
     args = _conv_bn_act_args(backend, mode, requires_grad=False)
-    out, raw, save_stats, _ = ops.conv_bn_act(*args)
-    (x, w, cb, stride, padding, dilation, groups, iw, ib, ist, ibs, irelu, bw, bb, _rm, _rv, r,
-     batch_stats, _m, _eps, relu, defer, _save_raw, _backend) = args
+    out, raw, save_stats = ops.conv_bn_act(*args)
+    (x, w, cb, stride, padding, dilation, groups, iw, ib, ist, ibs, irelu, bw, bb, _rm, _rv,
+     _count, r, batch_stats, _m, _eps, relu, defer, _save_raw, _backend) = args
     torch.library.opcheck(ops.conv_bn_act_backward, (
         torch.randn_like(out), x, w, cb is not None, stride, padding, dilation, groups, iw, ib,
         ist, ibs, irelu, bw, bb, r, raw, save_stats, batch_stats, relu, defer, backend))
@@ -237,14 +242,16 @@ def test_compile_conv_chain_fullgraph(backend):
     torch.manual_seed(0)
 
     def chain(x, w1, w2, bn1, bn2):
-        a = functional.conv_bn_relu(x, w1, *bn1, True, padding=1, defer=True, backend=backend)
-        return functional.conv_bn_relu(a, w2, *bn2, True, padding=1, residual=x,
-                                       backend=backend)
+        a = functional.conv_bn_relu(x, w1, *bn1[:4], True, padding=1, defer=True,
+                                    num_batches_tracked=bn1[4], backend=backend)
+        return functional.conv_bn_relu(a, w2, *bn2[:4], True, padding=1, residual=x,
+                                       num_batches_tracked=bn2[4], backend=backend)
 
     def state():
         return [torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE),
                 (torch.rand(4, device=DEVICE) + 0.5).requires_grad_(),
-                torch.randn(4, device=DEVICE).requires_grad_()]
+                torch.randn(4, device=DEVICE).requires_grad_(),
+                torch.tensor(5, device=DEVICE)]
 
     x = torch.randn(2, 4, 5, 5, device=DEVICE).contiguous(
         memory_format=torch.channels_last).requires_grad_()
@@ -253,13 +260,48 @@ def test_compile_conv_chain_fullgraph(backend):
     eager_states = [[t.detach().clone().requires_grad_(t.requires_grad) for t in st]
                     for st in states]
     out = torch.compile(chain, fullgraph=True)(x, w1, w2, *states)
-    grads = torch.autograd.grad(out.sum(), [x, w1, w2] + [t for st in states for t in st[2:]])
+    grads = torch.autograd.grad(out.sum(), [x, w1, w2] + [t for st in states for t in st[2:4]])
     expected = chain(x, w1, w2, *eager_states)
     expected_grads = torch.autograd.grad(expected.sum(), [x, w1, w2] + [
-        t for st in eager_states for t in st[2:]])
+        t for st in eager_states for t in st[2:4]])
     torch.testing.assert_close(out, expected)
     for g, e in zip(grads, expected_grads):
         torch.testing.assert_close(g, e)
     for st, est in zip(states, eager_states):
         torch.testing.assert_close(st[0], est[0])
         torch.testing.assert_close(st[1], est[1])
+        assert st[4].item() == est[4].item() == 6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+def test_ops_update_running_statistics_in_place(backend, training):
+    """The forward ops update the running statistics and batch counters they are given, in
+    place and with their version counters moved, as nn.BatchNorm2d does, in training; in eval
+    they leave them untouched."""
+    args = list(_bn_act_args("bn", training, True, backend, requires_grad=False))
+    conv_args = list(_conv_bn_act_args(backend, "train" if training else "eval",
+                                       requires_grad=False))
+    cases = [(ops.bn_act, args, [(3, 4, 5, args[0]), (9, 10, 11, args[6])]),
+             (ops.conv_bn_act, conv_args, [(14, 15, 16, None)])]
+    for op, op_args, branches in cases:
+        before = [(op_args[m].clone(), op_args[v].clone(), op_args[n].item(),
+                   [op_args[i]._version for i in (m, v, n)]) for m, v, n, _ in branches]
+        outputs = op(*op_args)
+        for (m, v, n, source), (mean0, var0, count0, versions0) in zip(branches, before):
+            stats = [op_args[i] for i in (m, v, n)]
+            if not training:
+                torch.testing.assert_close(stats[0], mean0, rtol=0, atol=0)
+                torch.testing.assert_close(stats[1], var0, rtol=0, atol=0)
+                assert stats[2].item() == count0
+                assert [t._version for t in stats] == versions0
+                continue
+            if source is None:  # the conv output: recomputed from the op's raw output
+                source = outputs[1]
+            expected_mean, expected_var = mean0.clone(), var0.clone()
+            torch.nn.functional.batch_norm(source.double().to(mean0.dtype), expected_mean,
+                                           expected_var, training=True, momentum=0.1)
+            torch.testing.assert_close(stats[0], expected_mean)
+            torch.testing.assert_close(stats[1], expected_var)
+            assert stats[2].item() == count0 + 1
+            assert all(t._version > v0 for t, v0 in zip(stats, versions0))
