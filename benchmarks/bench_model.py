@@ -4,7 +4,7 @@ Providers, all measured in the same run on the same inputs from the same weights
 (the eager model of :mod:`resnet_fast.reference`, torchvision's structure and forward),
 ``compile`` (``torch.compile`` of that eager model, default mode) and ``fused`` (the model of
 :mod:`resnet_fast.models` with the backend picked for the device; ``fused:NAME`` for backend
-NAME). Each provider has its own copy of the model, loaded from one state_dict.
+NAME); when asked for, ``fused_memory_efficient`` (the same with ``memory_efficient=True``). Each provider has its own copy of the model, loaded from one state_dict.
 
 Modes: ``train``, one SGD step (forward, cross-entropy loss, backward, ``optimizer.step()``;
 momentum 0.9, gradients set to None each step); ``eval``, a forward in eval mode under
@@ -63,6 +63,8 @@ from _common import (RESULTS, fmt_cell, pyplot, run_name, versions, write_csv,  
 MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
           "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
 PROVIDERS = ("eager", "compile", "fused")
+# Measured only when asked for (--compare): the fused model with memory_efficient=True.
+FUSED_KINDS = ("fused", "fused_memory_efficient")
 MODES = ("train", "eval")
 LAYOUTS = ("channels_last", "contiguous")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -104,8 +106,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
                    help="cpu or cuda (default: cuda when torch sees a GPU)")
     p.add_argument("--compare", default=None,
-                   help="comma-separated providers: eager, compile, fused, fused:BACKEND "
-                        "(default: eager,compile,fused)")
+                   help="comma-separated providers: eager, compile, fused, "
+                        "fused_memory_efficient (memory_efficient=True), fused:BACKEND, "
+                        "fused_memory_efficient:BACKEND (default: eager,compile,fused)")
     p.add_argument("--channels-last", default=None, action=argparse.BooleanOptionalAction,
                    help="only channels_last (--channels-last) or only NCHW "
                         "(--no-channels-last) (default: both; --quick: channels_last)")
@@ -137,9 +140,11 @@ def _check(what: str, values: list, valid) -> list:
 
 def _check_provider(name: str, device: str) -> str:
     kind, _, backend = name.partition(":")
-    if kind not in PROVIDERS or (backend and kind != "fused"):
+    if kind not in PROVIDERS + FUSED_KINDS or (backend and kind not in FUSED_KINDS):
         raise UsageError(f"unknown provider {name!r}; valid: {', '.join(PROVIDERS)}, "
-                         f"fused:BACKEND (BACKEND one of {', '.join(resnet_fast.BACKENDS)})")
+                         f"fused_memory_efficient, fused:BACKEND, "
+                         f"fused_memory_efficient:BACKEND (BACKEND one of "
+                         f"{', '.join(resnet_fast.BACKENDS)})")
     if backend:
         if backend not in resnet_fast.BACKENDS:
             raise UsageError(f"unknown backend {backend!r} in {name!r}; valid: "
@@ -214,9 +219,11 @@ def _build(provider: str, name: str, s: Settings, state: dict) -> tuple[torch.nn
                                                                         Callable]:
     """(module, callable) of one provider, loaded from ``state``."""
     kwargs = dict(num_classes=s.num_classes, small_input=s.small_input)
-    if provider.startswith("fused"):
-        backend = provider.partition(":")[2] or None
-        model = getattr(models, name)(backend=backend, **kwargs)
+    kind, _, backend = provider.partition(":")
+    if kind in FUSED_KINDS:
+        model = getattr(models, name)(backend=backend or None,
+                                      memory_efficient=kind == "fused_memory_efficient",
+                                      **kwargs)
     else:
         model = getattr(reference, name)(**kwargs)
     model.load_state_dict(state)
@@ -377,7 +384,7 @@ COLUMNS = ("model", "mode", "layout", "provider", "median_ms", "spread_pct", "im
            "vs_eager", "cuda_step_peak_mb", "saved_mb", "saved_activation_mb")
 _HEADS = ("model", "mode", "layout", "provider", "median ms", "spread %", "images/s",
           "vs eager", "cuda peak MB", "saved MB", "saved act MB")
-_WIDTHS = (9, 5, 13, 16, 10, 9, 9, 9, 13, 9, 12)
+_WIDTHS = (9, 5, 13, 27, 10, 9, 9, 9, 13, 9, 12)
 
 
 def _cell(row: dict, column: str) -> str:

@@ -55,11 +55,11 @@ using ConvBnActSig = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const OptTensor&, at::IntArrayRef, at::IntArrayRef,
     at::IntArrayRef, int64_t, const OptTensor&, const OptTensor&, const OptTensor&, bool, bool,
     const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-    const OptTensor&, bool, double, double, bool, bool, bool, c10::string_view);
+    const OptTensor&, bool, double, double, bool, bool, bool, bool, c10::string_view);
 using ConvBnActBackwardSig =
     std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-        const Tensor&, const Tensor&, const Tensor&, bool, at::IntArrayRef, at::IntArrayRef,
-        at::IntArrayRef, int64_t, const OptTensor&, const OptTensor&, const OptTensor&, bool,
+        const Tensor&, const Tensor&, const Tensor&, const OptTensor&, at::IntArrayRef,
+        at::IntArrayRef, at::IntArrayRef, int64_t, const OptTensor&, const OptTensor&, const OptTensor&, bool,
         bool, const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&,
         bool, bool, bool, c10::string_view);
 
@@ -151,7 +151,7 @@ struct ConvBnActFunction : public torch::autograd::Function<ConvBnActFunction> {
       const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean,
       const OptTensor& running_var, const OptTensor& num_batches_tracked,
       const OptTensor& residual, bool batch_stats, double momentum, double eps, bool relu,
-      bool defer, bool save_raw, const std::string& backend) {
+      bool defer, bool save_raw, bool recompute, const std::string& backend) {
     static const auto op = op_handle<ConvBnActSig>("resnet_fast::conv_bn_act");
     Tensor out, raw, save_stats;
     {
@@ -160,15 +160,15 @@ struct ConvBnActFunction : public torch::autograd::Function<ConvBnActFunction> {
           op.call(input, weight, conv_bias, stride, padding, dilation, groups, in_weight,
                   in_bias, in_stats, in_batch_stats, in_relu, bn_weight, bn_bias, running_mean,
                   running_var, num_batches_tracked, residual, batch_stats, momentum, eps, relu,
-                  defer, save_raw, backend);
+                  defer, save_raw, recompute, backend);
     }
     ctx->mark_non_differentiable({raw, save_stats});
     ctx->set_materialize_grads(false);  // as for bn_act
-    ctx->save_for_backward({input, weight, or_undefined(in_weight), or_undefined(in_bias),
-                            or_undefined(in_stats), or_undefined(bn_weight),
-                            or_undefined(bn_bias), or_undefined(residual), raw, save_stats});
+    ctx->save_for_backward({input, weight, or_undefined(conv_bias), or_undefined(in_weight),
+                            or_undefined(in_bias), or_undefined(in_stats),
+                            or_undefined(bn_weight), or_undefined(bn_bias),
+                            or_undefined(residual), raw, save_stats});
     auto& data = ctx->saved_data;
-    data["has_conv_bias"] = conv_bias.has_value() && conv_bias->defined();
     data["stride"] = stride.vec();
     data["padding"] = padding.vec();
     data["dilation"] = dilation.vec();
@@ -184,28 +184,27 @@ struct ConvBnActFunction : public torch::autograd::Function<ConvBnActFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     static const auto op = op_handle<ConvBnActBackwardSig>("resnet_fast::conv_bn_act_backward");
-    variable_list grads(25);
+    variable_list grads(26);
     if (!grad_outputs[0].defined()) return grads;  // the output did not reach the loss
     const variable_list saved = ctx->get_saved_variables();
-    const Tensor &input = saved[0], &weight = saved[1], &in_weight = saved[2];
-    const Tensor &in_bias = saved[3], &in_stats = saved[4], &bn_weight = saved[5];
-    const Tensor &bn_bias = saved[6], &residual = saved[7];
+    const Tensor &input = saved[0], &weight = saved[1], &conv_bias = saved[2];
+    const Tensor &in_weight = saved[3], &in_bias = saved[4], &in_stats = saved[5];
+    const Tensor &bn_weight = saved[6], &bn_bias = saved[7], &residual = saved[8];
     auto& data = ctx->saved_data;
-    const bool has_conv_bias = data["has_conv_bias"].toBool();
     const bool defer = data["defer"].toBool();
     const std::vector<int64_t> stride = data["stride"].toIntVector();
     const std::vector<int64_t> padding = data["padding"].toIntVector();
     const std::vector<int64_t> dilation = data["dilation"].toIntVector();
     auto [gi, gw, gcb, giw, gib, gbw, gbb, gr] =
-        op.call(grad_outputs[0], input, weight, has_conv_bias, stride, padding, dilation,
+        op.call(grad_outputs[0], input, weight, given(conv_bias), stride, padding, dilation,
                 data["groups"].toInt(), given(in_weight), given(in_bias), given(in_stats),
                 data["in_batch_stats"].toBool(), data["in_relu"].toBool(), given(bn_weight),
-                given(bn_bias), given(residual), saved[8], saved[9],
+                given(bn_bias), given(residual), saved[9], saved[10],
                 data["batch_stats"].toBool(), data["relu"].toBool(), defer,
                 data["backend"].toStringRef());
     grads[0] = grad_for(input, gi);
     grads[1] = grad_for(weight, gw);
-    grads[2] = has_conv_bias ? gcb : Tensor();
+    grads[2] = grad_for(conv_bias, gcb);
     grads[7] = grad_for(in_weight, giw);
     grads[8] = grad_for(in_bias, gib);
     // Deferred, the BatchNorm's parameters get their gradients from the conv normalising on load.
@@ -223,12 +222,13 @@ std::tuple<Tensor, Tensor, Tensor> conv_bn_act_autograd(
     bool in_batch_stats, bool in_relu, const OptTensor& bn_weight, const OptTensor& bn_bias,
     const OptTensor& running_mean, const OptTensor& running_var,
     const OptTensor& num_batches_tracked, const OptTensor& residual, bool batch_stats,
-    double momentum, double eps, bool relu, bool defer, bool save_raw, c10::string_view backend) {
+    double momentum, double eps, bool relu, bool defer, bool save_raw, bool recompute,
+    c10::string_view backend) {
   const variable_list outputs = ConvBnActFunction::apply(
       input, weight, conv_bias, stride, padding, dilation, groups, in_weight, in_bias, in_stats,
       in_batch_stats, in_relu, bn_weight, bn_bias, running_mean, running_var,
       num_batches_tracked, residual, batch_stats, momentum, eps, relu, defer, save_raw,
-      std::string(backend));
+      recompute, std::string(backend));
   if (batch_stats) bump_versions({&running_mean, &running_var, &num_batches_tracked});
   return {outputs[0], outputs[1], outputs[2]};
 }
@@ -254,10 +254,10 @@ TORCH_LIBRARY(resnet_fast, m) {
       "bool in_batch_stats, bool in_relu, Tensor? bn_weight, Tensor? bn_bias, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, "
       "Tensor? residual, bool batch_stats, float momentum, float eps, bool relu, bool defer, "
-      "bool save_raw, str backend) "
+      "bool save_raw, bool recompute, str backend) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
-      "conv_bn_act_backward(Tensor grad_out, Tensor input, Tensor weight, bool has_conv_bias, "
+      "conv_bn_act_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor? conv_bias, "
       "int[] stride, int[] padding, int[] dilation, int groups, Tensor? in_weight, "
       "Tensor? in_bias, Tensor? in_stats, bool in_batch_stats, bool in_relu, "
       "Tensor? bn_weight, Tensor? bn_bias, Tensor? residual, Tensor raw, Tensor save_stats, "

@@ -177,14 +177,14 @@ def _swap_class(module: nn.Module, target: type) -> Optional[str]:
     return None
 
 
-def convert(model: nn.Module, backend: Optional[str] = None, *, strict: bool = False
-            ) -> nn.Module:
+def convert(model: nn.Module, backend: Optional[str] = None, *, strict: bool = False,
+            memory_efficient: bool = False) -> nn.Module:
     """Fuses every ResNet block and stem in ``model``, in place; returns ``model``.
 
     The modules keep their parameters, buffers, hooks and state_dict keys; only the classes of
     the blocks and of the ResNet itself change (see the module docstring for what is
     recognised). ``backend`` is used by every fused module (``None``: the default for the
-    input's device). Modules that look like ResNet blocks or stems but are not recognised are
+    input's device), and ``memory_efficient`` set on each (see :mod:`resnet_fast.models`). Modules that look like ResNet blocks or stems but are not recognised are
     left untouched and listed in a :class:`ConvertWarning` (``strict=True``: a ``ValueError``,
     before anything changes); so is a model with nothing to fuse.
     """
@@ -216,6 +216,7 @@ def convert(model: nn.Module, backend: Optional[str] = None, *, strict: bool = F
     for module in model.modules():
         if isinstance(module, FusedModule):
             module.backend = backend
+            module.memory_efficient = bool(memory_efficient)
     if skipped:
         warnings.warn("resnet_fast.convert left these modules unfused: " + "; ".join(skipped),
                       ConvertWarning, stacklevel=2)

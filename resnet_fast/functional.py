@@ -371,6 +371,7 @@ def conv_bn_relu(
     relu: bool = True,
     num_batches_tracked: Optional[Tensor] = None,
     defer: bool = False,
+    recompute: bool = False,
     backend: Optional[str] = None,
 ) -> Union[Tensor, DeferredBatchNorm]:
     """``act(batch_norm(conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups))
@@ -386,6 +387,10 @@ def conv_bn_relu(
     (training), the result is a :class:`DeferredBatchNorm` for the next conv instead of a
     tensor (``residual`` must then be ``None``); with running statistics (eval) deferring gains
     nothing and the tensor is returned.
+
+    ``recompute=True`` trades compute for memory: backward runs the conv once more instead of
+    keeping its output (the op then keeps only its input and the residual for backward; the
+    gradients are the same). A deferred result keeps nothing of its own either way.
 
     Under ``torch.autocast`` the conv runs in the autocast dtype, as ``F.conv2d`` does, and the
     BatchNorm tensors keep theirs. channels_last input is the fast layout; the output has the
@@ -467,7 +472,7 @@ def conv_bn_relu(
         x, conv_weight, conv_bias, list(stride), list(padding), list(dilation), groups,
         *prologue[:3], True, prologue[3],
         bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, residual,
-        batch_stats, factor, eps, relu, defer, save_raw, name,
+        batch_stats, factor, eps, relu, defer, save_raw, bool(recompute), name,
     )
     if defer:
         return DeferredBatchNorm(out, save_stats, bn_weight, bn_bias, relu, eps, name)

@@ -22,9 +22,14 @@ as usual; a BatchNorm left in eval inside a training model (frozen) uses its run
 
 Extra keyword arguments of the builders and ``ResNet``: ``small_input=True`` (3x3 stride-1
 ``conv1`` and no max-pool, for 32x32 images; ``maxpool`` stays as ``nn.Identity`` so the
-state_dict keys do not change) and ``backend=`` (see :mod:`resnet_fast.backends`; also
-``model.set_backend(name)``). ``weights`` is ``None``, a state_dict or the path of a saved
-one; nothing is downloaded.
+state_dict keys do not change), ``backend=`` (see :mod:`resnet_fast.backends`; also
+``model.set_backend(name)``) and ``memory_efficient=True`` (also
+``model.set_memory_efficient()``): the stem's conv, each block end's conv and the downsample's
+recompute their output in backward instead of keeping it, so a block keeps only its input, the
+outputs of its inner convs and, in a downsampling block, the shortcut's output for backward
+(the gradients are the same; the recomputed 1x1 convs of a Bottleneck add about a fifth to its
+forward FLOPs, the second 3x3 of a BasicBlock about half). ``weights`` is ``None``, a state_dict or the path of a saved one; nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -55,8 +60,8 @@ def _uses_batch_statistics(bn: nn.BatchNorm2d) -> bool:
     return bn.training or (bn.running_mean is None and bn.running_var is None)
 
 
-def _block_end(block: nn.Module, out: Any, x: Tensor, conv: nn.Conv2d, bn: nn.Module,
-               backend: Optional[str]) -> Tensor:
+def _block_end(block: FusedModule, out: Any, x: Tensor, conv: nn.Conv2d,
+               bn: nn.Module) -> Tensor:
     """``relu(bn(conv(out)) + shortcut(x))``, the shortcut being ``x``, ``bn_d(conv_d(x))`` of
     a ``Sequential(conv_d, bn_d)`` downsample, or any other ``downsample`` module.
 
@@ -65,23 +70,30 @@ def _block_end(block: nn.Module, out: Any, x: Tensor, conv: nn.Conv2d, bn: nn.Mo
     updated) and one dual BatchNorm + add + ReLU ends the block: the shortcut's normalised
     activation is never written out or kept for backward. Otherwise the shortcut is one fused
     conv + BatchNorm and the block end a conv + BatchNorm + residual + ReLU.
+
+    A ``memory_efficient`` block takes the second way in training too, and both convs
+    recompute their output in backward instead of keeping it.
     """
+    backend, recompute = block.backend, block.memory_efficient
     ds = block.downsample
     if ds is None:
-        return conv_bn_act(out, conv, bn, block.relu, residual=x, backend=backend)
+        return conv_bn_act(out, conv, bn, block.relu, residual=x, recompute=recompute,
+                           backend=backend)
     if not _fusable_downsample(ds):
-        return conv_bn_act(out, conv, bn, block.relu, residual=ds(x), backend=backend)
+        return conv_bn_act(out, conv, bn, block.relu, residual=ds(x), recompute=recompute,
+                           backend=backend)
     ds_bn = ds[1]
-    if (is_fusable_conv(conv) and is_fusable_batch_norm(bn) and is_relu(block.relu)
-            and _uses_batch_statistics(bn) and _uses_batch_statistics(ds_bn)
-            and bn.eps == ds_bn.eps):
+    if (not recompute and is_fusable_conv(conv) and is_fusable_batch_norm(bn)
+            and is_relu(block.relu) and _uses_batch_statistics(bn)
+            and _uses_batch_statistics(ds_bn) and bn.eps == ds_bn.eps):
         main = conv_bn_act(out, conv, bn, None, defer=True, backend=backend)
         short = conv_bn_act(x, ds[0], ds_bn, None, defer=True, backend=backend)
         return functional.dual_batch_norm_add_relu(
             main.raw, short.raw, None, None, main.weight, main.bias, None, None, short.weight,
             short.bias, True, 0.0, bn.eps, backend=backend)
-    identity = conv_bn_act(x, ds[0], ds_bn, None, backend=backend)
-    return conv_bn_act(out, conv, bn, block.relu, residual=identity, backend=backend)
+    identity = conv_bn_act(x, ds[0], ds_bn, None, recompute=recompute, backend=backend)
+    return conv_bn_act(out, conv, bn, block.relu, residual=identity, recompute=recompute,
+                       backend=backend)
 
 
 class BasicBlock(FusedModule, reference.BasicBlock):
@@ -91,7 +103,7 @@ class BasicBlock(FusedModule, reference.BasicBlock):
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.conv1.in_channels, type(self).__name__)
         out = conv_bn_act(x, self.conv1, self.bn1, self.relu, defer=True, backend=self.backend)
-        return _block_end(self, out, x, self.conv2, self.bn2, self.backend)
+        return _block_end(self, out, x, self.conv2, self.bn2)
 
 
 class Bottleneck(FusedModule, reference.Bottleneck):
@@ -104,12 +116,13 @@ class Bottleneck(FusedModule, reference.Bottleneck):
         out = conv_bn_act(x, self.conv1, self.bn1, self.relu, defer=True, backend=self.backend)
         out = conv_bn_act(out, self.conv2, self.bn2, self.relu, defer=True,
                           backend=self.backend)
-        return _block_end(self, out, x, self.conv3, self.bn3, self.backend)
+        return _block_end(self, out, x, self.conv3, self.bn3)
 
 
 class ResNet(FusedModule, reference.ResNet):
     """torchvision's ResNet (same arguments, modules, state_dict and initialisation) with the
-    fused stem and blocks; ``small_input`` and ``backend`` as in the module docstring.
+    fused stem and blocks; ``small_input``, ``backend`` and ``memory_efficient`` as in the
+    module docstring.
 
     ``block`` is :class:`BasicBlock` or :class:`Bottleneck` (or any block class with their
     constructor; the fused ones are what make the blocks fast).
@@ -128,16 +141,19 @@ class ResNet(FusedModule, reference.ResNet):
         *,
         small_input: bool = False,
         backend: Optional[str] = None,
+        memory_efficient: bool = False,
     ) -> None:
         validate_backend(backend)  # before building: a bad name fails fast
         super().__init__(block, layers, num_classes, zero_init_residual, groups,
                          width_per_group, replace_stride_with_dilation, norm_layer,
                          small_input=small_input)
         self.set_backend(backend)
+        self.set_memory_efficient(memory_efficient)
 
     def _forward_impl(self, x: Tensor) -> Tensor:
         check_input(x, self.conv1.in_channels, type(self).__name__)
-        x = conv_bn_act(x, self.conv1, self.bn1, self.relu, backend=self.backend)
+        x = conv_bn_act(x, self.conv1, self.bn1, self.relu, recompute=self.memory_efficient,
+                        backend=self.backend)
         x = self.maxpool(x)
         x = self.layer1(x)
         x = self.layer2(x)

@@ -109,6 +109,7 @@ def conv_bn_act(
     *,
     residual: Optional[Tensor] = None,
     defer: bool = False,
+    recompute: bool = False,
     backend: Optional[str] = None,
 ) -> Union[Tensor, "functional.DeferredBatchNorm"]:
     """``act(bn(conv(input)) + residual)`` for the modules ``conv``, ``bn`` and ``act``.
@@ -117,8 +118,9 @@ def conv_bn_act(
     after the fused part). ``input`` may be a ``DeferredBatchNorm`` from the previous layer,
     whose BatchNorm (+ ReLU) the conv applies as it loads its input. With ``defer=True`` and a
     BatchNorm that normalises with batch statistics, the result is itself deferred (only when
-    ``act`` is fused or None, and there is no residual). Layers the fused op cannot express
-    run their modules eagerly (see the module docstring).
+    ``act`` is fused or None, and there is no residual). ``recompute`` as in
+    :func:`resnet_fast.functional.conv_bn_relu`. Layers the fused op cannot express run their
+    modules eagerly (see the module docstring).
     """
     fused_act = act is None or is_relu(act)
     if not (is_fusable_conv(conv) and is_fusable_batch_norm(bn)):
@@ -137,6 +139,7 @@ def conv_bn_act(
         residual=residual,
         relu=act is not None and fused_act,
         defer=defer and fused_act,
+        recompute=recompute,
         backend=backend,
         **batch_norm_arguments(bn),
     )
@@ -176,14 +179,23 @@ def validate_backend(backend: Optional[str]) -> Optional[str]:
 
 class FusedModule(nn.Module):
     """A module whose forward runs resnet_fast's fused ops with the backend it holds
-    (``None``: the default for the input's device)."""
+    (``None``: the default for the input's device), keeping less for backward when
+    ``memory_efficient`` (see :mod:`resnet_fast.models`)."""
 
     backend: Optional[str] = None
+    memory_efficient: bool = False
+
+    def _set_on_fused_modules(self, name: str, value: Any) -> "FusedModule":
+        for m in self.modules():
+            if isinstance(m, FusedModule):
+                setattr(m, name, value)
+        return self
 
     def set_backend(self, backend: Optional[str]) -> "FusedModule":
         """Runs this module and every fused module inside it with ``backend``; returns self."""
-        backend = validate_backend(backend)
-        for m in self.modules():
-            if isinstance(m, FusedModule):
-                m.backend = backend
-        return self
+        return self._set_on_fused_modules("backend", validate_backend(backend))
+
+    def set_memory_efficient(self, enabled: bool = True) -> "FusedModule":
+        """Makes this module and every fused module inside it recompute, in backward, the conv
+        outputs that end its blocks instead of keeping them (or stops it); returns self."""
+        return self._set_on_fused_modules("memory_efficient", bool(enabled))

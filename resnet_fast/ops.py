@@ -29,9 +29,10 @@ the registered kernel copies into the running buffers.
     the input normalised on load by a preceding BatchNorm (+ ReLU) whose batch statistics are
     already known (the hand-off of :class:`resnet_fast.functional.DeferredBatchNorm`). With
     ``defer`` the op stops before normalising and returns the conv output with its statistics.
-    Returns ``(out, raw, save_stats)``: ``raw`` is the pre-BN conv output when backward needs it
-    and ``out`` is not already that (else empty), ``save_stats`` the ``(2, C)`` (mean, invstd)
-    that normalised. With batch statistics the running statistics and the batch counter are
+    Returns ``(out, raw, save_stats)``: ``raw`` is the pre-BN conv output when backward needs it,
+    ``out`` is not already that and ``recompute`` is off (else empty: with ``recompute`` the
+    backward runs the conv once more instead of keeping its output), ``save_stats`` the
+    ``(2, C)`` (mean, invstd) that normalised. With batch statistics the running statistics and the batch counter are
     updated as by ``bn_act``.
 ``resnet_fast::conv_bn_act_backward`` (functional)
     Its gradients: the BatchNorm/ReLU part with ``bn_act``'s backward kernels, the conv part
@@ -308,6 +309,16 @@ def _onednn_folded_weights(weight, conv_bias, batch_norm, input_shape, stride, p
     return result
 
 
+def _prologue(in_weight: Optional[Tensor], in_bias: Optional[Tensor], in_stats: Optional[Tensor],
+              in_relu: bool) -> dict:
+    """The launchers' keyword arguments that normalise the conv's input on load (none when the
+    input is not a deferred BatchNorm)."""
+    if in_stats is None:
+        return {}
+    in_scale, in_shift = _scale_shift(in_stats, in_weight, in_bias)
+    return dict(in_scale=in_scale.contiguous(), in_shift=in_shift.contiguous(), in_relu=in_relu)
+
+
 def _cpu_composite(backend: str, dtype: torch.dtype, batch_stats: bool, save_raw: bool) -> bool:
     """Whether the ``cpu`` backend runs a conv layer as PyTorch's conv composed with the bn_act
     kernels in C++: in training, and in eval when backward needs the conv output or oneDNN's
@@ -400,11 +411,7 @@ def _conv_bn_act_forward(
                 unary, [None] if relu else [], "" if relu else None)
         return out.contiguous(memory_format=fmt), empty(), save_stats, empty()
 
-    prologue = {}
-    if in_stats is not None:
-        in_scale, in_shift = _scale_shift(in_stats, in_weight, in_bias)
-        prologue = dict(in_scale=in_scale.contiguous(), in_shift=in_shift.contiguous(),
-                        in_relu=in_relu)
+    prologue = _prologue(in_weight, in_bias, in_stats, in_relu)
 
     def conv(**epilogue):
         y, stats = launch(x, weight, conv_bias, *conv_args, **prologue, **epilogue)
@@ -432,7 +439,7 @@ def _conv_bn_act_forward(
 def _conv_bn_act_fake(
     input, weight, conv_bias, stride, padding, dilation, groups, in_weight, in_bias, in_stats,
     in_batch_stats, in_relu, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
-    residual, batch_stats, momentum, eps, relu, defer, save_raw, backend,
+    residual, batch_stats, momentum, eps, relu, defer, save_raw, recompute, backend,
 ):
     acc = acc_dtype_of(input.dtype)
     shape = conv_output_shape(input.shape, weight.shape, stride, padding, dilation)
@@ -443,8 +450,8 @@ def _conv_bn_act_fake(
             return input.new_empty((0,), dtype=acc)
         return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=fmt)
 
-    keeps_raw = not defer and (batch_stats or save_raw
-                               or _cpu_composite(backend, input.dtype, batch_stats, save_raw))
+    keeps_raw = not defer and not recompute and (
+        batch_stats or save_raw or _cpu_composite(backend, input.dtype, batch_stats, save_raw))
     return activation(True), activation(keeps_raw), input.new_empty((2, shape[1]), dtype=acc)
 
 
@@ -452,7 +459,7 @@ def _conv_bn_act_backward(
     grad_out: Tensor,
     input: Tensor,
     weight: Tensor,
-    has_conv_bias: bool,
+    conv_bias: Optional[Tensor],
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
@@ -474,7 +481,7 @@ def _conv_bn_act_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if backend == "cpu":  # composed in C++
         return _C.conv_bn_act_backward_cpu(
-            grad_out, input, weight, has_conv_bias, stride, padding, dilation, groups, in_weight,
+            grad_out, input, weight, conv_bias, stride, padding, dilation, groups, in_weight,
             in_bias, in_stats, in_batch_stats, in_relu, bn_weight, bn_bias, residual, raw,
             save_stats, batch_stats, relu, defer)
     acc = acc_dtype_of(input.dtype)
@@ -483,17 +490,21 @@ def _conv_bn_act_backward(
     def empty():  # an absent gradient: a fresh one each time, as outputs may not alias
         return input.new_empty((0,), dtype=acc)
 
+    x = input.contiguous(memory_format=in_fmt)
     if defer:
         grad_raw, grad_bn_weight, grad_bn_bias, grad_residual = grad_out, empty(), empty(), empty()
     else:
+        if not raw.numel():  # not kept by the forward: the conv once more, as it ran then
+            raw = _conv_launcher(backend)(x, weight, conv_bias, stride, padding, dilation, groups,
+                                          **_prologue(in_weight, in_bias, in_stats, in_relu))[0]
         grad_raw, grad_bn_weight, grad_bn_bias, grad_residual, _, _ = _bn_act_backward(
             grad_out, raw, bn_weight, bn_bias, residual, None, None, save_stats.unsqueeze(0),
             False, batch_stats, relu, backend)
-    x, grad_raw = _prepare(input, grad_raw)
+    grad_raw = grad_raw.contiguous(memory_format=in_fmt)
     a = x if in_stats is None else _normalize(x, in_weight, in_bias, in_stats, in_relu)
     grad_a, grad_weight, grad_conv_bias = torch.ops.aten.convolution_backward(
-        grad_raw, a, weight, [weight.shape[0]] if has_conv_bias else None, stride, padding,
-        dilation, False, [0, 0], groups, [True, True, has_conv_bias])
+        grad_raw, a, weight, None if conv_bias is None else [weight.shape[0]], stride, padding,
+        dilation, False, [0, 0], groups, [True, True, conv_bias is not None])
     if in_stats is None:
         grad_input, grad_in_weight, grad_in_bias = grad_a, empty(), empty()
     else:
@@ -508,7 +519,7 @@ def _conv_bn_act_backward(
 
 @torch.library.register_fake("resnet_fast::conv_bn_act_backward")
 def _conv_bn_act_backward_fake(
-    grad_out, input, weight, has_conv_bias, stride, padding, dilation, groups, in_weight,
+    grad_out, input, weight, conv_bias, stride, padding, dilation, groups, in_weight,
     in_bias, in_stats, in_batch_stats, in_relu, bn_weight, bn_bias, residual, raw, save_stats,
     batch_stats, relu, defer, backend,
 ):
@@ -524,7 +535,7 @@ def _conv_bn_act_backward_fake(
                               memory_format=memory_format_of(weight))
     grad_residual = (torch.empty_like(grad_out, memory_format=memory_format_of(grad_out))
                      if residual is not None and not defer else per_channel(False, 0))
-    return (grad_input, grad_weight, per_channel(has_conv_bias, Cout),
+    return (grad_input, grad_weight, per_channel(conv_bias is not None, Cout),
             per_channel(in_stats is not None, Cin), per_channel(in_stats is not None, Cin),
             per_channel(not defer, Cout), per_channel(not defer, Cout), grad_residual)
 
@@ -563,13 +574,15 @@ def _bn_act_kernel(input, weight, bias, running_mean, running_var, num_batches_t
 def _conv_bn_act_kernel(input, weight, conv_bias, stride, padding, dilation, groups, in_weight,
                         in_bias, in_stats, in_batch_stats, in_relu, bn_weight, bn_bias,
                         running_mean, running_var, num_batches_tracked, residual, batch_stats,
-                        momentum, eps, relu, defer, save_raw, backend):
+                        momentum, eps, relu, defer, save_raw, recompute, backend):
     out, raw, save_stats, new_running = _conv_bn_act_forward(
         input, weight, conv_bias, stride, padding, dilation, groups, in_weight, in_bias,
         in_stats, in_batch_stats, in_relu, bn_weight, bn_bias, running_mean, running_var,
         residual, batch_stats, momentum, eps, relu, defer, save_raw, backend)
     _update_running(batch_stats and running_mean is not None, new_running,
                     (running_mean, running_var), (num_batches_tracked,))
+    if recompute and raw.numel():  # backward recomputes it: not kept
+        raw = raw.new_empty((0,), dtype=acc_dtype_of(raw.dtype))
     return out, raw, save_stats
 
 

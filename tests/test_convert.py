@@ -17,6 +17,7 @@ from torch import nn
 
 from resnet_fast import models, reference
 from resnet_fast.convert import ConvertWarning, convert
+from resnet_fast.nn import FusedModule
 
 from test_models import NUM_CLASSES, check_policy, make_input
 
@@ -150,6 +151,20 @@ def test_duck_typed_model_with_conv_bias():
     x, target = make_input(size=16)
     check_policy(model, eager, x, target, torch.float64, train=True, backward=True)
     check_policy(model, eager, x, target, torch.float32, train=False, backward=False)
+
+
+def test_memory_efficient_argument():
+    """convert(memory_efficient=True) sets every fused module to recompute its block ends; a
+    training step still matches eager, conv biases before the BatchNorms included."""
+    torch.manual_seed(0)
+    model = DuckNet(bias=True)
+    eager = copy.deepcopy(model)
+    with pytest.warns(ConvertWarning, match="DuckNet is not torchvision's ResNet"):
+        convert(model, memory_efficient=True)
+    fused = [m for m in model.modules() if isinstance(m, FusedModule)]
+    assert fused and all(m.memory_efficient for m in fused)
+    x, target = make_input(size=16)
+    check_policy(model, eager, x, target, torch.float64, train=True, backward=True)
 
 
 def test_convert_inside_a_larger_model_and_idempotent():

@@ -161,6 +161,12 @@ def build(arch: str, **kwargs):
     return fused, reference_twin(fused, lambda: getattr(reference, arch)(**kwargs))
 
 
+def memory_efficient(pair):
+    """``pair`` (fused, reference) with the fused model set to recompute its block ends."""
+    pair[0].set_memory_efficient()
+    return pair
+
+
 def small_resnet(block: str, *, layers=(1, 1, 1, 1), **kwargs):
     """(fused, reference twin) ResNet with one block per stage (or ``layers``)."""
     def make(mod):
@@ -350,6 +356,10 @@ TRAINING_CONFIGS = {
         num_classes=NUM_CLASSES),
     "zero_init_residual": lambda: small_resnet("basic", zero_init_residual=True,
                                                num_classes=NUM_CLASSES, small_input=True),
+    "resnet18_memory_efficient": lambda: memory_efficient(
+        build("resnet18", num_classes=NUM_CLASSES, small_input=True)),
+    "resnet50_memory_efficient": lambda: memory_efficient(
+        build("resnet50", num_classes=NUM_CLASSES, small_input=True)),
 }
 
 
@@ -423,10 +433,24 @@ BLOCK_CASES += [pytest.param(name, train, torch.channels_last,
 @pytest.mark.parametrize("name,train,memory_format", BLOCK_CASES)
 def test_block_float32(name, train, memory_format):
     """One block, float32: output, input and parameter gradients, running statistics."""
+    check_block(name, train, memory_format)
+
+
+@pytest.mark.parametrize("name", ["basic", "basic_downsample", "bottleneck",
+                                  "bottleneck_downsample", "bottleneck_32x8d"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_block_memory_efficient_float32(name, memory_format):
+    """A memory_efficient block in training (its block-end convs recomputed in backward) gives
+    what the block gives: output, gradients, running statistics under the policy."""
+    check_block(name, True, memory_format, memory_efficient=True)
+
+
+def check_block(name, train, memory_format, memory_efficient=False):
     kind, inplanes, planes, *rest = BLOCKS[name]
     stride = rest[0] if rest else 1
     kwargs = rest[1] if len(rest) > 1 else {}
     fused, ref = _block_pair(kind, inplanes, planes, stride, **kwargs)
+    fused.set_memory_efficient(memory_efficient)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, inplanes, 9, 9, generator=g).contiguous(memory_format=memory_format)
     with torch.no_grad():

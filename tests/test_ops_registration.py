@@ -148,7 +148,9 @@ def _conv_bn_act_args(backend, mode, requires_grad=True, dtype=torch.float32,
                       memory_format=torch.channels_last):
     """Arguments of resnet_fast::conv_bn_act; ``mode`` names the path: 'train', 'eval',
     'eval_inference' (no autograd: the one-pass path), 'defer', 'prologue' (input normalised
-    on load), 'residual' (training, + conv bias + residual, no ReLU)."""
+    on load), 'residual' (training, + conv bias + residual, no ReLU), 'recompute' (training,
+    input normalised on load, + conv bias + residual + ReLU, the conv output recomputed in
+    backward)."""
     torch.manual_seed(0)
     Cin, Cout = 4, 6
     acc = ops.acc_dtype_of(dtype)
@@ -162,11 +164,11 @@ def _conv_bn_act_args(backend, mode, requires_grad=True, dtype=torch.float32,
             needs_grad and grad)
 
     prologue = [None, None, None]
-    if mode == "prologue":
+    if mode in ("prologue", "recompute"):
         prologue = [per_channel(Cin, 0.5, True), per_channel(Cin, -0.5, True),
                     torch.stack([torch.randn(Cin, dtype=acc, device=DEVICE) * 0.1,
                                  torch.rand(Cin, dtype=acc, device=DEVICE) + 0.5])]
-    residual = mode == "residual"
+    residual = mode in ("residual", "recompute")
     conv_bias = (torch.randn(Cout, dtype=dtype, device=DEVICE).requires_grad_(grad)
                  if residual else None)
     r = (torch.randn(2, Cout, 3, 3, dtype=dtype, device=DEVICE).contiguous(
@@ -176,11 +178,11 @@ def _conv_bn_act_args(backend, mode, requires_grad=True, dtype=torch.float32,
             per_channel(Cout, 0.5, True), per_channel(Cout, -0.5, True),
             per_channel(Cout, -0.5, False), per_channel(Cout, 0.5, False),
             torch.tensor(3, device=DEVICE), r,
-            training, 0.1, 1e-5, not residual, mode == "defer", mode != "eval_inference",
-            backend)
+            training, 0.1, 1e-5, mode != "residual", mode == "defer",
+            mode != "eval_inference", mode == "recompute", backend)
 
 
-CONV_MODES = ["train", "eval", "eval_inference", "defer", "prologue", "residual"]
+CONV_MODES = ["train", "eval", "eval_inference", "defer", "prologue", "residual", "recompute"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -192,24 +194,27 @@ def test_opcheck_conv_bn_act(backend, mode, memory_format):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", ["train", "eval", "defer", "prologue", "residual"])
+@pytest.mark.parametrize("mode", ["train", "eval", "defer", "prologue", "residual", "recompute"])
 def test_opcheck_conv_bn_act_backward(backend, mode):
     args = _conv_bn_act_args(backend, mode, requires_grad=False)
     out, raw, save_stats = ops.conv_bn_act(*args)
     (x, w, cb, stride, padding, dilation, groups, iw, ib, ist, ibs, irelu, bw, bb, _rm, _rv,
-     _count, r, batch_stats, _m, _eps, relu, defer, _save_raw, _backend) = args
+     _count, r, batch_stats, _m, _eps, relu, defer, _save_raw, recompute, _backend) = args
+    assert (raw.numel() == 0) == (defer or recompute)
     torch.library.opcheck(ops.conv_bn_act_backward, (
-        torch.randn_like(out), x, w, cb is not None, stride, padding, dilation, groups, iw, ib,
+        torch.randn_like(out), x, w, cb, stride, padding, dilation, groups, iw, ib,
         ist, ibs, irelu, bw, bb, r, raw, save_stats, batch_stats, relu, defer, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("training,track", [(True, True), (False, True), (False, False)])
-@pytest.mark.parametrize("deferred_input", [False, True])
-def test_gradcheck_conv_bn_relu_float64(backend, training, track, deferred_input):
+@pytest.mark.parametrize("deferred_input,recompute", [(False, False), (True, False),
+                                                      (True, True)])
+def test_gradcheck_conv_bn_relu_float64(backend, training, track, deferred_input, recompute):
     """float64 gradcheck of conv_bn_relu (conv bias, residual, stride 2, groups 2) for input,
     conv weight and bias, BatchNorm weight and bias and residual; with ``deferred_input`` the
-    input is a DeferredBatchNorm (normalised on load), checked through its producer."""
+    input is a DeferredBatchNorm (normalised on load), checked through its producer; with
+    ``recompute`` the conv output is recomputed in backward."""
     torch.manual_seed(0)
     kw = dict(dtype=torch.float64, device=DEVICE)
     x = (torch.randn(2, 4, 5, 5, **kw) + 0.2).requires_grad_()
@@ -228,7 +233,8 @@ def test_gradcheck_conv_bn_relu_float64(backend, training, track, deferred_input
                                         backend=backend)
         rm, rv = (None, None) if stats[0] is None else (stats[0].clone(), stats[1].clone())
         return functional.conv_bn_relu(a, w, rm, rv, bw, bb, training, conv_bias=cb, stride=2,
-                                       padding=1, groups=2, residual=r, backend=backend)
+                                       padding=1, groups=2, residual=r, recompute=recompute,
+                                       backend=backend)
 
     # Triton's interpreter runs each call in Python: the fast (random projection) mode there.
     assert torch.autograd.gradcheck(f, (x, w, cb, bw, bb, r, w0, g0, b0), eps=1e-6, atol=1e-5,
@@ -237,15 +243,17 @@ def test_gradcheck_conv_bn_relu_float64(backend, training, track, deferred_input
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compile_conv_chain_fullgraph(backend):
-    """conv -> deferred BN + ReLU -> conv -> BN + residual + ReLU compiles with no graph break
-    and matches eager: output, gradients, running statistics."""
+    """conv -> deferred BN + ReLU -> conv -> BN + residual + ReLU (its conv output recomputed
+    in backward) compiles with no graph break and matches eager: output, gradients, running
+    statistics and batch counters."""
     torch.manual_seed(0)
 
     def chain(x, w1, w2, bn1, bn2):
         a = functional.conv_bn_relu(x, w1, *bn1[:4], True, padding=1, defer=True,
                                     num_batches_tracked=bn1[4], backend=backend)
         return functional.conv_bn_relu(a, w2, *bn2[:4], True, padding=1, residual=x,
-                                       num_batches_tracked=bn2[4], backend=backend)
+                                       num_batches_tracked=bn2[4], recompute=True,
+                                       backend=backend)
 
     def state():
         return [torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE),

@@ -64,7 +64,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_act_forward_c
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>
 conv_bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& input,
-                         const at::Tensor& weight, bool has_conv_bias,
+                         const at::Tensor& weight,
+                         const std::optional<at::Tensor>& conv_bias,
                          const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
                          const std::vector<int64_t>& dilation, int64_t groups,
                          const std::optional<at::Tensor>& in_weight,
@@ -78,12 +79,19 @@ conv_bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& input,
   const at::Tensor x = input.contiguous(fmt);
   const auto acc = acc_options(x);
   const int64_t Cin = x.size(1), Cout = weight.size(0);
+  // The conv's input is recomputed, not saved, when the input was normalised on load.
+  const at::Tensor a = conv_input(x, in_weight, in_bias, in_stats, in_relu);
   at::Tensor grad_raw = grad_out;
   at::Tensor grad_bn_weight = empty_acc(x), grad_bn_bias = empty_acc(x);
   at::Tensor grad_residual = empty_acc(x);
   if (!defer) {
+    const at::Tensor conv_out =
+        raw.numel() ? raw
+                    : at::convolution(a, weight, conv_bias, stride, padding, dilation,
+                                      /*transposed=*/false, {0, 0}, groups)
+                          .contiguous(fmt);
     auto grads = bn_act_backward_cpu(
-        grad_out.contiguous(fmt), raw, affine_param(bn_weight, Cout, 1.0, acc),
+        grad_out.contiguous(fmt), conv_out, affine_param(bn_weight, Cout, 1.0, acc),
         affine_param(bn_bias, Cout, 0.0, acc), dense(residual, fmt), std::nullopt, std::nullopt,
         save_stats.contiguous().unsqueeze(0), /*residual_bn=*/false, batch_stats, relu);
     grad_raw = std::get<0>(grads);
@@ -91,8 +99,7 @@ conv_bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& input,
     grad_bn_bias = std::get<2>(grads);
     grad_residual = std::get<3>(grads);
   }
-  // The conv's input is recomputed, not saved, when the input was normalised on load.
-  const at::Tensor a = conv_input(x, in_weight, in_bias, in_stats, in_relu);
+  const bool has_conv_bias = conv_bias.has_value() && conv_bias->defined();
   const std::vector<int64_t> bias_sizes = {Cout};
   auto [grad_a, grad_weight, grad_conv_bias] = at::convolution_backward(
       grad_raw.contiguous(fmt), a, weight,

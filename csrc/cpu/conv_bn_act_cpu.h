@@ -31,11 +31,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_act_forward_c
 
 // Returns (grad_input, grad_weight, grad_conv_bias, grad_in_weight, grad_in_bias,
 // grad_bn_weight, grad_bn_bias, grad_residual): grad_input in the input's layout, grad_weight
-// in the weight's; absent gradients are empty.
+// in the weight's; absent gradients are empty. An empty raw (the forward did not keep it) is
+// recomputed: the conv once more, on the input it normalises for the weight gradient anyway.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>
 conv_bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& input,
-                         const at::Tensor& weight, bool has_conv_bias,
+                         const at::Tensor& weight,
+                         const std::optional<at::Tensor>& conv_bias,
                          const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
                          const std::vector<int64_t>& dilation, int64_t groups,
                          const std::optional<at::Tensor>& in_weight,
