@@ -4,7 +4,8 @@ Providers, all measured in the same run on the same inputs from the same weights
 (the eager model of :mod:`resnet_fast.reference`, torchvision's structure and forward),
 ``compile`` (``torch.compile`` of that eager model, default mode) and ``fused`` (the model of
 :mod:`resnet_fast.models` with the backend picked for the device; ``fused:NAME`` for backend
-NAME); when asked for, ``fused_memory_efficient`` (the same with ``memory_efficient=True``). Each provider has its own copy of the model, loaded from one state_dict.
+NAME); when asked for, ``fused_memory_efficient`` (the same with ``memory_efficient=True``).
+Each provider has its own copy of the model, loaded from one state_dict.
 
 Modes: ``train``, one SGD step (forward, cross-entropy loss, backward, ``optimizer.step()``;
 momentum 0.9, gradients set to None each step); ``eval``, a forward in eval mode under

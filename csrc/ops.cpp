@@ -5,8 +5,8 @@
 //
 // The forward ops update the running statistics and batch counters they are given in place, as
 // nn.BatchNorm2d does around aten's batch_norm: a training step dispatches one op per fused layer
-// and no update around it (torch.compile functionalises the update). The autograd formulas are C++ so that a fused layer
-// costs no Python beyond its kernel's launch in either direction.
+// and no update around it (torch.compile functionalises the update). The autograd formulas are
+// C++ so that a fused layer costs no Python beyond its kernel's launch in either direction.
 
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -59,9 +59,9 @@ using ConvBnActSig = std::tuple<Tensor, Tensor, Tensor>(
 using ConvBnActBackwardSig =
     std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
         const Tensor&, const Tensor&, const Tensor&, const OptTensor&, at::IntArrayRef,
-        at::IntArrayRef, at::IntArrayRef, int64_t, const OptTensor&, const OptTensor&, const OptTensor&, bool,
-        bool, const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&,
-        bool, bool, bool, c10::string_view);
+        at::IntArrayRef, at::IntArrayRef, int64_t, const OptTensor&, const OptTensor&,
+        const OptTensor&, bool, bool, const OptTensor&, const OptTensor&, const OptTensor&,
+        const Tensor&, const Tensor&, bool, bool, bool, c10::string_view);
 
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> op_handle(const char* name) {

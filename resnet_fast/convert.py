@@ -184,9 +184,10 @@ def convert(model: nn.Module, backend: Optional[str] = None, *, strict: bool = F
     The modules keep their parameters, buffers, hooks and state_dict keys; only the classes of
     the blocks and of the ResNet itself change (see the module docstring for what is
     recognised). ``backend`` is used by every fused module (``None``: the default for the
-    input's device), and ``memory_efficient`` set on each (see :mod:`resnet_fast.models`). Modules that look like ResNet blocks or stems but are not recognised are
-    left untouched and listed in a :class:`ConvertWarning` (``strict=True``: a ``ValueError``,
-    before anything changes); so is a model with nothing to fuse.
+    input's device), and ``memory_efficient`` set on each (see :mod:`resnet_fast.models`).
+    Modules that look like ResNet blocks or stems but are not recognised are left untouched and
+    listed in a :class:`ConvertWarning` (``strict=True``: a ``ValueError``, before anything
+    changes); so is a model with nothing to fuse.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() takes a torch.nn.Module, got {type(model).__name__}")

@@ -28,8 +28,8 @@ state_dict keys do not change), ``backend=`` (see :mod:`resnet_fast.backends`; a
 recompute their output in backward instead of keeping it, so a block keeps only its input, the
 outputs of its inner convs and, in a downsampling block, the shortcut's output for backward
 (the gradients are the same; the recomputed 1x1 convs of a Bottleneck add about a fifth to its
-forward FLOPs, the second 3x3 of a BasicBlock about half). ``weights`` is ``None``, a state_dict or the path of a saved one; nothing is
-downloaded.
+forward FLOPs, the second 3x3 of a BasicBlock about half). ``weights`` is ``None``, a
+state_dict or the path of a saved one; nothing is downloaded.
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ the registered kernel copies into the running buffers.
     Returns ``(out, raw, save_stats)``: ``raw`` is the pre-BN conv output when backward needs it,
     ``out`` is not already that and ``recompute`` is off (else empty: with ``recompute`` the
     backward runs the conv once more instead of keeping its output), ``save_stats`` the
-    ``(2, C)`` (mean, invstd) that normalised. With batch statistics the running statistics and the batch counter are
-    updated as by ``bn_act``.
+    ``(2, C)`` (mean, invstd) that normalised. With batch statistics the running statistics and
+    the batch counter are updated as by ``bn_act``.
 ``resnet_fast::conv_bn_act_backward`` (functional)
     Its gradients: the BatchNorm/ReLU part with ``bn_act``'s backward kernels, the conv part
     with ``aten.convolution_backward`` on the recomputed (never saved) normalised input, then
