@@ -693,14 +693,15 @@ def test_backend_selection():
 # ------------------------------------------------------------------------------- compile
 
 
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_compile_fullgraph(train):
+@pytest.mark.parametrize("train,memory_efficient", [(False, False), (True, False), (True, True)],
+                         ids=["eval", "train", "train-memory_efficient"])
+def test_compile_fullgraph(train, memory_efficient):
     """torch.compile(fullgraph=True) of a small fused ResNet: no graph break, same logits,
     gradients and running statistics as eager."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     fused, _ = small_resnet("bottleneck", num_classes=NUM_CLASSES, small_input=True)
-    fused.train(train)
+    fused.train(train).set_memory_efficient(memory_efficient)
     twin = copy.deepcopy(fused)
     x, target = make_input(size=8)
     compiled = torch.compile(fused, fullgraph=True)  # inductor
