@@ -17,7 +17,7 @@ else
 VENV_FLAGS :=
 TORCH_PINS := torch==2.13.0 triton==3.9.0
 endif
-TOOL_PINS := numpy ninja pybind11 pytest pytest-benchmark matplotlib setuptools wheel \
+TOOL_PINS := numpy ninja pybind11 pytest pytest-benchmark hypothesis matplotlib setuptools wheel \
 	scikit-learn tqdm pillow nvidia-cutlass==4.2.0.0
 
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')

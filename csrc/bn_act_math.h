@@ -12,7 +12,7 @@
 //     with scale = w * invstd, shift = b - mean * scale, and r_term = 0 (no residual),
 //     r (plain residual) or r * r_scale + r_shift (residual that is itself BatchNorm'ed).
 //
-// Backward, with g = dy * [pre-activation > 0] (the ReLU mask, recomputed from x and r):
+// Backward, with g = dy * [not (pre-activation <= 0)] (the ReLU mask, recomputed from x and r):
 //   grad_b = sum(g),  grad_w = sum(g * xhat) = invstd * sum(g * (x - mean)),
 //   batch statistics:  dx = w * invstd * (g - sum(g)/m - xhat * sum(g * xhat)/m)
 //   fixed statistics (eval): dx = w * invstd * g
@@ -20,6 +20,11 @@
 // bn_backward_coeffs() gives k_g, k_x, k_c so one elementwise pass produces dx (and the BN'ed
 // residual's gradient). Centring x before scaling keeps dx accurate when the channel's mean is
 // large against its spread (x * k_x + k_c' would cancel catastrophically).
+//
+// Non-finite values follow eager PyTorch: relu(NaN) is NaN, the gradient passes where the
+// pre-activation is NaN (threshold_backward zeroes it only where the value is <= 0), a channel
+// whose sums are NaN or inf gets a NaN variance (never clamped to 0), and with fixed statistics
+// dx does not read x at all, so a NaN or inf input gives a finite dx as in eager.
 #pragma once
 
 #include <cmath>
@@ -40,34 +45,46 @@ RF_HOST_DEVICE T bn_affine(T x, T scale, T shift) {
   return x * scale + shift;
 }
 
-RF_HOST_DEVICE float relu_value(float v) { return v > 0.f ? v : 0.f; }
-RF_HOST_DEVICE double relu_value(double v) { return v > 0.0 ? v : 0.0; }
+// max(v, 0) that keeps NaN (fmax and most vector max instructions drop it).
+RF_HOST_DEVICE float relu_value(float v) { return v < 0.f ? 0.f : v; }
+RF_HOST_DEVICE double relu_value(double v) { return v < 0.0 ? 0.0 : v; }
 
-// Gradient through the ReLU: dy where the pre-activation was positive, else 0
-// (PyTorch's threshold_backward convention: zero gradient at exactly 0).
-RF_HOST_DEVICE float relu_grad(float pre, float dy) { return pre > 0.f ? dy : 0.f; }
-RF_HOST_DEVICE double relu_grad(double pre, double dy) { return pre > 0.0 ? dy : 0.0; }
+// Gradient through the ReLU: 0 where the pre-activation is <= 0, else dy (PyTorch's
+// threshold_backward: zero gradient at exactly 0, dy where the value is NaN).
+RF_HOST_DEVICE float relu_grad(float pre, float dy) { return pre <= 0.f ? 0.f : dy; }
+RF_HOST_DEVICE double relu_grad(double pre, double dy) { return pre <= 0.0 ? 0.0 : dy; }
 
-// dx = g * k_g + (x - mean) * k_x + k_c (see bn_backward_coeffs).
+// dx = g * k_g + (x - mean) * k_x + k_c with batch statistics, dx = g * k_g with fixed ones
+// (see bn_backward_coeffs); the fixed form leaves x out, so a non-finite x cannot reach dx.
 template <typename T>
-RF_HOST_DEVICE T bn_input_grad(T g, T x, T mean, T k_g, T k_x, T k_c) {
-  return g * k_g + (x - mean) * k_x + k_c;
+RF_HOST_DEVICE T bn_input_grad(bool batch_stats, T g, T x, T mean, T k_g, T k_x, T k_c) {
+  return batch_stats ? g * k_g + (x - mean) * k_x + k_c : g * k_g;
 }
 
 // ---------------------------------------------------------------- per channel
 
+// The pivot of a channel's shifted sums: its first value, or 0 when that is inf or NaN
+// (shifting by inf would make the channel's finite values NaN where eager's mean is inf).
+template <typename A>
+RF_HOST_DEVICE A bn_pivot(A first) {
+  return first - first == A(0) ? first : A(0);
+}
+
 // Shifted sums: s1 = sum(x - pivot), s2 = sum((x - pivot)^2) over m values. Shifting by a
 // value of the channel (its first element) keeps the variance exact for data whose mean is
 // large against its spread, where raw sum / sum-of-squares would cancel catastrophically.
+// The per-channel finish runs in double: where finite values overflow s2 (|x| ~ 1e30 in
+// float), d * d stays finite and the variance comes out +inf as eager's does, not inf - inf;
+// an inf or NaN value of x makes s1 non-finite and the variance NaN, also as in eager.
 template <typename A>
 RF_HOST_DEVICE void bn_stats_from_shifted_sums(A m, A s1, A s2, A pivot, A eps,
                                                A* mean, A* var, A* invstd) {
-  const A d = s1 / m;
-  A v = s2 / m - d * d;
-  v = v > A(0) ? v : A(0);
-  *mean = pivot + d;
-  *var = v;
-  *invstd = A(1) / std::sqrt(v + eps);
+  const double d = static_cast<double>(s1) / static_cast<double>(m);
+  double v = static_cast<double>(s2) / static_cast<double>(m) - d * d;
+  v = v < 0.0 ? 0.0 : v;  // rounding can make it slightly negative; NaN stays NaN
+  *mean = pivot + static_cast<A>(d);
+  *var = static_cast<A>(v);
+  *invstd = A(1) / std::sqrt(*var + eps);
 }
 
 // The normalising factor of a variance: 1 / sqrt(var + eps) (running variance in eval).

@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from typing import Optional, Union
 
 import torch
 
+from resnet_fast import ops
 from resnet_fast.ops import _C
 
-__all__ = ["BACKENDS", "available_backends", "unavailable_reason", "resolve_backend"]
+__all__ = ["BACKENDS", "available_backends", "unavailable_reason", "resolve_backend",
+           "cache_sizes"]
 
 BACKENDS = ("cpu", "triton", "cuda", "reference")
 
@@ -98,8 +101,10 @@ def available_backends(device: Union[str, torch.device] = "cpu") -> list[str]:
 
 
 # Successful resolutions per (asked, environment, device type, interpreter): resolving runs on
-# every call of a fused op, on the host.
+# every call of a fused op, on the host. Emptied when it passes _RESOLVED_SIZE entries (only a
+# program that keeps changing $RESNET_FAST_BACKEND gets there).
 _RESOLVED: dict[tuple, str] = {}
+_RESOLVED_SIZE = 64  # cache_sizes() documents this bound
 
 
 def resolve_backend(backend: Optional[str], device: torch.device) -> str:
@@ -113,7 +118,10 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     key = (backend, os.environ.get(ENV_VAR), device.type, _triton_interpreted())
     name = _RESOLVED.get(key)
     if name is None:
-        name = _RESOLVED[key] = _resolve(backend, device)
+        name = _resolve(backend, device)
+        if len(_RESOLVED) >= _RESOLVED_SIZE:
+            _RESOLVED.clear()
+        _RESOLVED[key] = name
     return name
 
 
@@ -132,3 +140,15 @@ def _resolve(backend: Optional[str], device: torch.device) -> str:
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} ({source}) is not available: {reason}")
     return backend
+
+
+def cache_sizes() -> dict[str, int]:
+    """Entries in each cache the package keeps, every one bounded: the oneDNN folded weights
+    (one per live conv weight run in eval, at most ``ops.ONEDNN_CACHE_SIZE``), the resolved
+    backend names (at most 64) and the Triton BatchNorm launch configurations (at most 1024;
+    0 until the Triton backend is first used)."""
+    triton_bn_act = sys.modules.get("resnet_fast.triton.bn_act")
+    return {"onednn_folded_weights": len(ops._ONEDNN_CACHE),
+            "resolved_backends": len(_RESOLVED),
+            "triton_bn_configs": (0 if triton_bn_act is None
+                                  else triton_bn_act._cached_config.cache_info().currsize)}

@@ -114,7 +114,9 @@ def _check_batch_norm_args(bn: _BatchNormArgs, input: Tensor, training: bool,
         raise ValueError(
             f"{bn.prefix}running_mean and {bn.prefix}running_var must both be given or both None"
         )
-    if training and math.prod(shape) // C == 1:
+    # Batch statistics of one value per channel (training, or eval without running statistics,
+    # which nn.BatchNorm2d also normalises with batch statistics) are refused, as by eager.
+    if (training or bn.running_mean is None) and math.prod(shape) // C == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {list(shape)}"
         )

@@ -51,7 +51,9 @@ deferred BatchNorm applied by a one-pass kernel before the conv and recomputed i
 from __future__ import annotations
 
 import importlib
+import threading
 import weakref
+from collections import OrderedDict
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -280,9 +282,19 @@ def _eval_stats(running_mean: Tensor, running_var: Tensor, eps: float) -> Tensor
 # oneDNN fuses conv + bias + (add) + ReLU on the CPU for these activation dtypes.
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 # id(conv weight) -> (weak reference to it, cache key, (prepacked folded weight, folded bias));
-# an entry goes when its weight is freed. (Tensors cannot be weak dictionary keys: their == is
-# elementwise.)
-_ONEDNN_CACHE: dict[int, tuple] = {}
+# an entry goes when its weight is freed, and the least recently used one when more than
+# ONEDNN_CACHE_SIZE weights are live. (Tensors cannot be weak dictionary keys: their == is
+# elementwise.) The lock is reentrant: a weight's finaliser can run, through the garbage
+# collector, while its own thread holds it.
+ONEDNN_CACHE_SIZE = 1024
+_ONEDNN_CACHE: "OrderedDict[int, tuple]" = OrderedDict()
+_ONEDNN_LOCK = threading.RLock()
+
+
+def _forget_weight(key: int) -> None:
+    with _ONEDNN_LOCK:
+        _ONEDNN_CACHE.pop(key, None)
+
 
 
 def _onednn_folded_weights(weight, conv_bias, batch_norm, input_shape, stride, padding,
@@ -292,9 +304,11 @@ def _onednn_folded_weights(weight, conv_bias, batch_norm, input_shape, stride, p
     the ``(save_stats, scale, shift)`` to fold. Cached per ``weight`` under ``cache_key`` (the
     storage and version of every parameter and statistic that went in), so a module folds and
     packs once per parameter update, not per call."""
-    cached = _ONEDNN_CACHE.get(id(weight)) if cache_key is not None else None
-    if cached is not None and cached[0]() is weight and cached[1] == cache_key:
-        return cached[2]
+    with _ONEDNN_LOCK:
+        cached = _ONEDNN_CACHE.get(id(weight)) if cache_key is not None else None
+        if cached is not None and cached[0]() is weight and cached[1] == cache_key:
+            _ONEDNN_CACHE.move_to_end(id(weight))
+            return cached[2]
     save_stats, scale, shift = batch_norm()
     folded_bias = shift if conv_bias is None else shift + conv_bias.to(scale.dtype) * scale
     folded = (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(weight.dtype)
@@ -303,9 +317,13 @@ def _onednn_folded_weights(weight, conv_bias, batch_norm, input_shape, stride, p
         list(input_shape))
     result = (packed, folded_bias.to(weight.dtype), save_stats)
     if cache_key is not None:
-        if cached is None or cached[0]() is not weight:
-            weakref.finalize(weight, _ONEDNN_CACHE.pop, id(weight), None)
-        _ONEDNN_CACHE[id(weight)] = (weakref.ref(weight), cache_key, result)
+        with _ONEDNN_LOCK:
+            if cached is None or cached[0]() is not weight:
+                weakref.finalize(weight, _forget_weight, id(weight))
+            _ONEDNN_CACHE[id(weight)] = (weakref.ref(weight), cache_key, result)
+            _ONEDNN_CACHE.move_to_end(id(weight))
+            while len(_ONEDNN_CACHE) > ONEDNN_CACHE_SIZE:
+                _ONEDNN_CACHE.popitem(last=False)
     return result
 
 

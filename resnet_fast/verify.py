@@ -5,9 +5,15 @@ parameter, the updated running statistics), the fused result's largest absolute 
 the float64 reference may be at most twice the error of eager PyTorch in the same dtype against
 that reference, plus a small floor: ``FLOOR[dtype] * max(1, max|reference|)``.
 
-``check_case`` runs one :class:`Case` three ways from the same float64 master inputs:
-the reference in float64, the reference in the case's dtype (eager), and the fused op with the
-chosen backend, then compares. ``python -m resnet_fast verify`` and the tests both use it.
+Non-finite values: NaN, +inf and -inf must appear in exactly the places where eager PyTorch (the
+reference in the case's dtype) puts them, in every quantity; the errors are then taken over the
+elements that are finite in all three runs. A case can carry one such value (or a huge finite
+one) in its input or residual (:attr:`Case.special`) to check exactly that.
+
+``check_case`` runs one :class:`Case` three ways from the same float64 master inputs
+(:func:`run_case`): the reference in float64, the reference in the case's dtype (eager), and the
+fused op with the chosen backend, then compares. ``python -m resnet_fast verify`` and the tests
+both use it.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from torch import Tensor
 from resnet_fast import functional, reference
 from resnet_fast.ops import acc_dtype_of, conv_output_shape
 
-__all__ = ["FLOOR", "Case", "Conv", "CaseResult", "check_case", "OPS", "CONV_OPS"]
+__all__ = ["FLOOR", "Case", "Conv", "CaseResult", "check_case", "compare", "run_case", "OPS",
+           "CONV_OPS",
+           "LAYOUTS", "ALL_LAYOUTS"]
 
 # Relative floor of the tolerance, per dtype (times max(1, max|reference|)).
 FLOOR = {
@@ -41,7 +49,10 @@ OPS = {
 }
 CONV_OPS = ("conv_bn_relu",)  # the ops whose Case carries a Conv
 
+# The layouts every op test runs; strided is a non-dense view into a wider tensor. The
+# property tests add expanded: stride 0 along W (the first column's values, broadcast).
 LAYOUTS = ("contiguous", "channels_last", "strided")
+ALL_LAYOUTS = LAYOUTS + ("expanded",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +95,9 @@ class Case:
     momentum: Optional[float] = 0.1
     eps: float = 1e-5
     conv: Optional[Conv] = None  # conv_bn_relu only (default: Conv(out_channels=C))
+    # (tensor, value): one element of "input" or "residual" (batch 0, channel 1 or 0, the first
+    # row, the middle column) set to value, e.g. NaN, inf or 1e30.
+    special: Optional[tuple[str, float]] = None
 
     def __post_init__(self):
         if self.op in CONV_OPS and self.conv is None:
@@ -99,9 +113,16 @@ class Case:
             mode += ",untracked"
         if self.momentum is None:
             mode += ",cma"
+        if self.eps != 1e-5:
+            mode += f",eps={self.eps:g}"
+        if self.momentum not in (None, 0.1):
+            mode += f",momentum={self.momentum:g}"
+        if not self.affine:
+            mode += ",no-affine"
         conv = "" if self.conv is None else " " + self.conv.describe()
+        special = "" if self.special is None else f" {self.special[0]}={self.special[1]:g}"
         return (f"{self.op} {tuple(self.shape)}{conv} {str(self.dtype).replace('torch.', '')} "
-                f"{self.layout} {mode}")
+                f"{self.layout} {mode}{special}")
 
 
 @dataclasses.dataclass
@@ -123,6 +144,7 @@ class CaseResult:
 
     def failures(self) -> list[str]:
         return [
+            f"{k}: NaN or inf not where eager has them" if self.errors[k] == math.inf else
             f"{k}: error {self.errors[k]:.3g} > bound {self.bounds[k]:.3g} "
             f"(eager {self.eager_errors[k]:.3g})"
             for k in self.errors
@@ -140,7 +162,9 @@ def _layout(t: Tensor, layout: str) -> Tensor:
         wide = t.new_zeros((*t.shape[:3], 2 * t.shape[3]))
         wide[..., ::2] = t
         return wide[..., ::2]
-    raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if layout == "expanded":
+        return t[..., :1].expand(t.shape)
+    raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(ALL_LAYOUTS)}")
 
 
 def _master_inputs(case: Case, generator: torch.Generator) -> dict[str, Optional[Tensor]]:
@@ -175,6 +199,13 @@ def _master_inputs(case: Case, generator: torch.Generator) -> dict[str, Optional
         t[prefix + "running_var"] = rand(C) + 0.5 if case.track_running_stats else None
         t[prefix + "num_batches_tracked"] = (torch.tensor(3, dtype=torch.long)
                                              if case.track_running_stats else None)
+    if case.special is not None:
+        name, value = case.special
+        if t.get(name) is None:
+            raise ValueError(f"{case.op} has no {name} to put {value} in")
+        N, C, H, W = t[name].shape
+        if N * C * H * W:
+            t[name][0, min(1, C - 1), 0, W // 2] = value
     return t
 
 
@@ -230,19 +261,25 @@ def _run(fn: Callable, case: Case, masters: dict, dtype: torch.dtype, device: to
     return result
 
 
-def _max_error(a: Tensor, ref: Tensor) -> float:
-    d = (a.detach().to(device="cpu", dtype=torch.float64) - ref.cpu())
+def _nonfinite_masks(t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    t = t.detach().cpu()
+    return t.isnan(), t == math.inf, t == -math.inf
+
+
+def _max_error(a: Tensor, ref: Tensor, finite: Tensor) -> float:
+    """Largest |a - ref| over the elements where ``finite`` holds."""
+    d = (a.detach().to(device="cpu", dtype=torch.float64) - ref.cpu())[finite]
     if d.numel() == 0:
         return 0.0
     err = d.abs().max().item()
     return math.inf if math.isnan(err) else err
 
 
-def check_case(case: Case, backend: Optional[str], device: torch.device | str = "cpu",
-               seed: int = 0) -> CaseResult:
-    """Runs ``case`` with ``backend`` on ``device`` and compares it with the float64 reference
-    and with eager PyTorch in the case's dtype, under the tolerance policy."""
-    device = torch.device(device)
+def run_case(case: Case, which: str, backend: Optional[str] = None,
+             device: torch.device | str = "cpu", seed: int = 0) -> dict[str, Tensor]:
+    """One run of ``case``: ``which`` is "reference" (float64, CPU), "eager" (the reference in
+    the case's dtype on ``device``) or "fused" (with ``backend``). Returns the output, the
+    gradient of every input and parameter and the updated running statistics by name."""
     masters = _master_inputs(case, torch.Generator().manual_seed(seed))
     # Every run starts from the same values: the masters rounded to the case's dtype (and the
     # per-channel tensors to its accumulation dtype), so the float64 reference measures the
@@ -251,17 +288,51 @@ def check_case(case: Case, backend: Optional[str], device: torch.device | str = 
     masters = {n: m if m is None or not m.is_floating_point()
                else m.to(case.dtype if m.dim() == 4 else acc).double()
                for n, m in masters.items()}
-    fused_fn = getattr(functional, case.op)
-    ref_fn = getattr(reference, case.op)
-    ref = _run(ref_fn, case, masters, torch.float64, torch.device("cpu"), None)
-    eager = _run(ref_fn, case, masters, case.dtype, device, None)
-    fused = _run(fused_fn, case, masters, case.dtype, device, backend)
+    if which == "reference":
+        return _run(getattr(reference, case.op), case, masters, torch.float64,
+                    torch.device("cpu"), None)
+    if which == "eager":
+        return _run(getattr(reference, case.op), case, masters, case.dtype, torch.device(device),
+                    None)
+    if which == "fused":
+        return _run(getattr(functional, case.op), case, masters, case.dtype,
+                    torch.device(device), backend)
+    raise ValueError(f"which must be 'reference', 'eager' or 'fused', got {which!r}")
+
+
+def check_case(case: Case, backend: Optional[str], device: torch.device | str = "cpu",
+               seed: int = 0) -> CaseResult:
+    """Runs ``case`` with ``backend`` on ``device`` and compares it with the float64 reference
+    and with eager PyTorch in the case's dtype, under the tolerance policy. A quantity whose
+    NaN or inf elements are not where eager has them gets an infinite error."""
+    ref = run_case(case, "reference", seed=seed)
+    eager = run_case(case, "eager", device=device, seed=seed)
+    fused = run_case(case, "fused", backend, device, seed)
+    missing = [name for name in ref if name not in fused]
+    if missing:
+        raise AssertionError(f"{case.describe()}: fused run produced no {', '.join(missing)}")
+    errors, eager_errors, bounds = compare(ref, eager, fused, case.dtype)
+    return CaseResult(case, backend or "default", errors, eager_errors, bounds)
+
+
+def compare(ref: dict[str, Tensor], eager: dict[str, Tensor], fused: dict[str, Tensor],
+            dtype: torch.dtype) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """The tolerance policy over named quantities: (fused errors, eager errors, bounds), each
+    by name, for the float64 reference ``ref`` and the runs ``eager`` and ``fused`` in
+    ``dtype``. A fused quantity passes when its error is at most its bound; one whose NaN or
+    inf elements are not where eager has them gets an infinite error. Integer quantities
+    (counters) must be equal (error 0, else infinite; bound 0)."""
     errors, eager_errors, bounds = {}, {}, {}
     for name, r in ref.items():
-        if name not in fused:
-            raise AssertionError(f"{case.describe()}: fused run produced no {name}")
-        errors[name] = _max_error(fused[name], r)
-        eager_errors[name] = _max_error(eager[name], r)
-        scale = max(1.0, r.abs().max().item() if r.numel() else 0.0)
-        bounds[name] = 2 * eager_errors[name] + FLOOR[case.dtype] * scale
-    return CaseResult(case, backend or "default", errors, eager_errors, bounds)
+        if not r.is_floating_point():
+            errors[name] = 0.0 if torch.equal(fused[name].cpu(), r.cpu()) else math.inf
+            eager_errors[name] = bounds[name] = 0.0
+            continue
+        e_masks, f_masks = _nonfinite_masks(eager[name]), _nonfinite_masks(fused[name])
+        finite = r.isfinite() & ~e_masks[0] & ~e_masks[1] & ~e_masks[2]
+        scale = max(1.0, r[finite].abs().max().item() if finite.any() else 0.0)
+        eager_errors[name] = _max_error(eager[name], r, finite)
+        bounds[name] = 2 * eager_errors[name] + FLOOR[dtype] * scale
+        same_nonfinite = all(torch.equal(e, f) for e, f in zip(e_masks, f_masks))
+        errors[name] = _max_error(fused[name], r, finite) if same_nonfinite else math.inf
+    return errors, eager_errors, bounds

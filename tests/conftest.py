@@ -8,12 +8,20 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+# Property tests (tests/test_properties.py): "bounded" runs in `make test`, the same cases on
+# every run; "long" (`--hypothesis-profile=long`) draws many more, at random.
+settings.register_profile("bounded", max_examples=150, deadline=None, derandomize=True,
+                          database=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=5000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("bounded")
 
 
 @pytest.fixture(scope="module")

@@ -39,14 +39,17 @@
 
 namespace resnet_fast {
 
-// Vector overloads of the shared header's per-element helpers (the scalar ones live there).
+// Vector overloads of the shared header's per-element helpers (the scalar ones live there),
+// with the same non-finite semantics: NaN passes the ReLU, and its gradient where pre is NaN.
 template <typename A>
 inline at::vec::Vectorized<A> relu_value(at::vec::Vectorized<A> v) {
-  return at::vec::clamp_min(v, at::vec::Vectorized<A>(A(0)));
+  const at::vec::Vectorized<A> zero(A(0));
+  return at::vec::Vectorized<A>::blendv(v, zero, v < zero);
 }
 template <typename A>
 inline at::vec::Vectorized<A> relu_grad(at::vec::Vectorized<A> pre, at::vec::Vectorized<A> dy) {
-  return dy & (pre > at::vec::Vectorized<A>(A(0)));
+  const at::vec::Vectorized<A> zero(A(0));
+  return at::vec::Vectorized<A>::blendv(dy, zero, pre <= zero);
 }
 
 namespace cpu {
@@ -361,17 +364,18 @@ struct BackwardApply {
   Affine<kChannelsLast, acc_t> a;
   ChannelArray<kChannelsLast, acc_t> mean, r_mean, k_g, k_x, k_c, r_k_g, r_k_x, r_k_c;
   bool relu;
+  bool batch_stats;
   template <typename T>
   void apply(int64_t e, int64_t j) const {
     T r_value;
     const T g = masked_grad<kMode>(a, dy, x, r, relu, e, j, &r_value);
-    store_as(dx + e, bn_input_grad(g, load_as<T>(x + e), mean.template get<T>(j),
+    store_as(dx + e, bn_input_grad(batch_stats, g, load_as<T>(x + e), mean.template get<T>(j),
                                    k_g.template get<T>(j), k_x.template get<T>(j),
                                    k_c.template get<T>(j)));
     if constexpr (kMode == kAddResidual) {
       store_as(dr + e, g);
     } else if constexpr (kMode == kBatchNormResidual) {
-      store_as(dr + e, bn_input_grad(g, r_value, r_mean.template get<T>(j),
+      store_as(dr + e, bn_input_grad(batch_stats, g, r_value, r_mean.template get<T>(j),
                                      r_k_g.template get<T>(j), r_k_x.template get<T>(j),
                                      r_k_c.template get<T>(j)));
     }
@@ -471,12 +475,12 @@ void batch_statistics(const Shape& s, bool cl, const scalar_t* xp, const scalar_
                       double momentum, double eps, acc_t* stats, acc_t* nr) {
   const int64_t C = s.C;
   const int64_t B = rp != nullptr ? 2 : 1;
-  // Pivot of each channel: its first element (n = 0, hw = 0).
+  // Pivot of each channel: its first element (n = 0, hw = 0), or 0 where that is not finite.
   std::vector<acc_t> pivots(static_cast<size_t>(2 * C), acc_t(0));
   const int64_t channel_step = cl ? 1 : s.HW;
   for (int64_t c = 0; c < C; ++c) {
-    pivots[c] = static_cast<acc_t>(xp[c * channel_step]);
-    if (rp != nullptr) pivots[C + c] = static_cast<acc_t>(rp[c * channel_step]);
+    pivots[c] = bn_pivot(static_cast<acc_t>(xp[c * channel_step]));
+    if (rp != nullptr) pivots[C + c] = bn_pivot(static_cast<acc_t>(rp[c * channel_step]));
   }
   std::vector<double> sums(static_cast<size_t>(4 * C));
   dispatch_layout(cl, [&](auto cl_c) {
@@ -662,7 +666,8 @@ bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::T
       constexpr bool kCL = decltype(cl_c)::value;
       const BackwardApply<kMode, kCL, acc_t, scalar_t> f{
           dyp, xp, rp, dxp, drp, as_layout<kCL>(affine_view(aff, C)), {stats}, {stats + 2 * C},
-          {k}, {k + C}, {k + 2 * C}, {k + 3 * C}, {k + 4 * C}, {k + 5 * C}, relu};
+          {k}, {k + C}, {k + 2 * C}, {k + 3 * C}, {k + 4 * C}, {k + 5 * C}, relu,
+          training};
       for_each_element<kCL, acc_t>(s, f);
     });
   });

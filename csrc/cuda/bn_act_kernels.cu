@@ -286,7 +286,7 @@ struct ForwardStatsOp {
   __device__ __forceinline__ Channel load_channel(int64_t c) const {
     Channel ch;
 #pragma unroll
-    for (int b = 0; b < kInputs; ++b) ch.pivot[b] = to_acc(input[b][c * pivot_stride]);
+    for (int b = 0; b < kInputs; ++b) ch.pivot[b] = bn_pivot(to_acc(input[b][c * pivot_stride]));
     return ch;
   }
   __device__ __forceinline__ void accumulate(const Channel& ch, const acc_t (&v)[kInputs],
@@ -340,7 +340,7 @@ struct ForwardApplyOp {
       acc_t mean, invstd;
       if (batch_stats) {
         acc_t var;
-        const acc_t pivot = to_acc(input[b][c * pivot_stride]);
+        const acc_t pivot = bn_pivot(to_acc(input[b][c * pivot_stride]));
         bn_stats_from_shifted_sums(m, totals[2 * b], totals[2 * b + 1], pivot, eps, &mean, &var,
                                    &invstd);
         if (write_outputs && new_running != nullptr) {
@@ -483,11 +483,11 @@ struct BackwardApplyOp : BackwardOpBase<T, kMode> {
   __device__ __forceinline__ void apply(const Channel& ch, const acc_t (&v)[kInputs],
                                         acc_t (&out)[kOutputs]) const {
     const acc_t g = this->masked_grad(ch.affine, v);
-    out[0] = bn_input_grad(g, v[1], ch.mean[0], ch.k_g[0], ch.k_x[0], ch.k_c[0]);
+    out[0] = bn_input_grad(batch_stats, g, v[1], ch.mean[0], ch.k_g[0], ch.k_x[0], ch.k_c[0]);
     if constexpr (kMode == kAddResidual) out[kOutputs - 1] = g;
     if constexpr (kMode == kBatchNormResidual) {
       out[kOutputs - 1] =
-          bn_input_grad(g, this->residual_of(v), ch.mean[1], ch.k_g[1], ch.k_x[1], ch.k_c[1]);
+          bn_input_grad(batch_stats, g, this->residual_of(v), ch.mean[1], ch.k_g[1], ch.k_x[1], ch.k_c[1]);
     }
   }
 };

@@ -59,6 +59,8 @@
 #include "cutlass/numeric_conversion.h"
 #include "cutlass/numeric_types.h"
 
+#include "../bn_act_math.h"
+
 namespace resnet_fast {
 namespace cuda {
 namespace {
@@ -90,8 +92,6 @@ struct StockConv {
   using EpilogueParts = cutlass::epilogue::threadblock::DefaultEpilogueTensorOp<
       ThreadblockShape, WarpMma, 1, ShapeOp, kAlignment>;
 };
-
-__device__ __forceinline__ float relu_keep_nan(float v) { return v < 0.f ? 0.f : v; }
 
 // ------------------------------------------------------------------ mainloop with the prologue
 
@@ -363,7 +363,7 @@ class PrologueMainloop
         CUTLASS_PRAGMA_UNROLL
         for (int e = 0; e < kChannelsPerCopy; ++e) {
           const float a = fmaf(v[e], scale[e], shift[e]);
-          v[e] = relu ? relu_keep_nan(a) : a;
+          v[e] = relu ? relu_value(a) : a;
         }
         *slot = to_element(v);
       }
@@ -503,7 +503,7 @@ class BnActEpilogue
         if (args.residual) {
           value += float(residual_fragment[i]);
         }
-        v[i] = args.relu ? relu_keep_nan(value) : value;
+        v[i] = args.relu ? relu_value(value) : value;
       }
 
       if (stats) {
@@ -585,7 +585,8 @@ class BnActEpilogue
           s2 += storage_.reuse.sums[1][t][c];
         }
         const float shift_mean = s1 / count;
-        const float m2 = fmaxf(s2 - s1 * shift_mean, 0.f);
+        const float m2_raw = s2 - s1 * shift_mean;
+        const float m2 = m2_raw < 0.f ? 0.f : m2_raw;  // >= 0 up to rounding; NaN is kept
         partials[size_t(tile_m) * size_t(K) + size_t(k)] =
             make_float2(storage_.pivot[c] + shift_mean, m2);
       }

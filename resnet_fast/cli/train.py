@@ -494,9 +494,14 @@ def load_checkpoint(path: str) -> dict:
     except Exception as exc:  # a truncated file, another format, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"--resume {path!r} is not a readable checkpoint: {first}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    found = state.get("format") if isinstance(state, dict) else None
+    if not isinstance(found, str) or not found.startswith(CHECKPOINT_FORMAT.split("/")[0] + "/"):
         raise UsageError(f"--resume {path!r} is not a checkpoint of `resnet_fast train` "
                          f"(format {CHECKPOINT_FORMAT})")
+    if found != CHECKPOINT_FORMAT:
+        raise UsageError(f"--resume {path!r} has checkpoint format {found!r}; this version of "
+                         f"resnet_fast reads {CHECKPOINT_FORMAT!r} only, the one format written "
+                         f"so far")
     return state
 
 

@@ -14,7 +14,7 @@ Training also gives nn.BatchNorm2d's running update:
     running_mean' = (1 - momentum) * running_mean + momentum * mean
     running_var'  = (1 - momentum) * running_var  + momentum * var * m / (m - 1).
 
-Backward, with g = dy * [pre-activation > 0] (the ReLU mask recomputed from x, r and the saved
+Backward, with g = dy * [not pre-activation <= 0] (the ReLU mask recomputed from x, r and the saved
 statistics):
     grad_bias = sum(g),  grad_weight = invstd * sum(g * (x - mean))
     dx = g * k_g + (x - mean) * k_x + k_c  with  k_g = w * invstd and, for batch statistics,
@@ -123,13 +123,25 @@ def _channel_sum(tile, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _first_row_offsets(c, HW, CHANNELS_LAST: tl.constexpr):
-    """Offsets of element (m = 0, c): the pivot of the shifted sums."""
+def relu_keep_nan(v):
+    """max(v, 0) that keeps NaN, as eager's ReLU: the GPU's max.NaN instruction for 16- and
+    32-bit values, a compare and select for float64 (which has no such instruction)."""
+    if v.dtype == tl.float64:
+        return tl.where(v < 0.0, 0.0, v)
+    else:
+        return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _load_pivot(src_ptr, c, c_mask, HW, CHANNELS_LAST: tl.constexpr, acc: tl.constexpr):
+    """The pivot of channel c's shifted sums: element (m = 0, c), or 0 where that is inf or NaN
+    (shifting by inf would make the channel's finite values NaN where eager's mean is inf)."""
     if CHANNELS_LAST:
         offs = c
     else:
         offs = c * HW
-    return offs
+    p = tl.load(src_ptr + offs, mask=c_mask, other=0.0).to(acc)
+    return tl.where(p - p == 0.0, p, 0.0)
 
 
 @triton.jit
@@ -182,15 +194,19 @@ def _bn_channel_stats(src_ptr, running_mean_ptr, running_var_ptr, partials_ptr, 
     eps_c = tl.full([BLOCK_C], eps, acc)
     if TRAINING:
         m = tl.full([BLOCK_C], M, acc)
-        pivot = tl.load(src_ptr + _first_row_offsets(c, HW, CHANNELS_LAST), mask=c_mask,
-                        other=0.0).to(acc)
+        pivot = _load_pivot(src_ptr, c, c_mask, HW, CHANNELS_LAST, acc)
         s1 = _sum_partials(partials_ptr, 2 * branch, c, c_mask, C, num_partials, NUM_SUMS,
                            PARTIAL_CHUNK, BLOCK_C)
         s2 = _sum_partials(partials_ptr, 2 * branch + 1, c, c_mask, C, num_partials, NUM_SUMS,
                            PARTIAL_CHUNK, BLOCK_C)
-        d = s1 / m
-        var = tl.maximum(s2 / m - d * d, 0.0)
-        mean = pivot + d
+        # Finished in float64: where finite values overflow s2 (|x| ~ 1e30 in float32), d * d
+        # stays finite and the variance is +inf, as eager's; an inf or NaN value makes s1
+        # non-finite and the variance NaN, also as in eager (the clamp at 0 keeps NaN).
+        m64 = m.to(tl.float64)
+        d = s1.to(tl.float64) / m64
+        var = s2.to(tl.float64) / m64 - d * d
+        var = tl.where(var < 0.0, 0.0, var).to(acc)
+        mean = pivot + d.to(acc)
         if TRACK_RUNNING:
             mom = tl.full([BLOCK_C], momentum, acc)
             old_mean = tl.load(running_mean_ptr + c, mask=c_mask, other=0.0)
@@ -238,16 +254,14 @@ def bn_act_fwd_stats_kernel(
     NUM_SUMS: tl.constexpr = 4 if RESIDUAL_BN else 2
     c = c0 + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    pivot_offs = _first_row_offsets(c, HW, CHANNELS_LAST)
     # Tile-shaped accumulators, reduced across the tile once at the end: each lane sums only
     # tiles_per_program values, and the tile reduction is a tree.
-    x_pivot = _per_channel(tl.load(x_ptr + pivot_offs, mask=c_mask, other=0.0).to(acc),
-                           CHANNELS_LAST)
+    x_pivot = _per_channel(_load_pivot(x_ptr, c, c_mask, HW, CHANNELS_LAST, acc), CHANNELS_LAST)
     x_s1 = _tile_zeros(acc, CHANNELS_LAST, BLOCK_R, BLOCK_C)
     x_s2 = _tile_zeros(acc, CHANNELS_LAST, BLOCK_R, BLOCK_C)
     if RESIDUAL_BN:
-        r_pivot = _per_channel(
-            tl.load(residual_ptr + pivot_offs, mask=c_mask, other=0.0).to(acc), CHANNELS_LAST)
+        r_pivot = _per_channel(_load_pivot(residual_ptr, c, c_mask, HW, CHANNELS_LAST, acc),
+                               CHANNELS_LAST)
         r_s1 = _tile_zeros(acc, CHANNELS_LAST, BLOCK_R, BLOCK_C)
         r_s2 = _tile_zeros(acc, CHANNELS_LAST, BLOCK_R, BLOCK_C)
     t_start = pid_r * tiles_per_program
@@ -327,7 +341,7 @@ def bn_act_fwd_apply_kernel(
             r = tl.load(residual_ptr + base + offs, mask=mask, other=0.0).to(acc)
         y = _pre_activation(x, r, scale, shift, r_scale, r_shift, RESIDUAL_MODE)
         if RELU:
-            y = tl.maximum(y, 0.0)
+            y = relu_keep_nan(y)
         tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -380,7 +394,7 @@ def bn_act_bwd_reduce_kernel(
             r = tl.load(residual_ptr + base + offs, mask=mask, other=0.0).to(acc)
         if RELU:
             pre = _pre_activation(x, r, scale, shift, r_scale, r_shift, RESIDUAL_MODE)
-            g = tl.where(pre > 0.0, g, 0.0)
+            g = tl.where(pre <= 0.0, 0.0, g)  # NaN passes, as threshold_backward
         # masked lanes hold g = 0, so they add nothing
         sum_g += g
         sum_gx += g * (x - mean)
@@ -485,7 +499,7 @@ def bn_act_bwd_apply_kernel(
             r = tl.load(residual_ptr + base + offs, mask=mask, other=0.0).to(acc)
         if RELU:
             pre = _pre_activation(x, r, scale, shift, r_scale, r_shift, RESIDUAL_MODE)
-            g = tl.where(pre > 0.0, g, 0.0)
+            g = tl.where(pre <= 0.0, 0.0, g)  # NaN passes, as threshold_backward
         if BATCH_STATS:
             dx = g * k_g + (x - mean) * k_x + k_c
         else:

@@ -71,6 +71,7 @@ import triton.language as tl
 from torch import Tensor
 
 from resnet_fast.ops import acc_dtype_of
+from resnet_fast.triton.bn_act import relu_keep_nan
 
 __all__ = ["CONV_CONFIGS", "INTERPRETER_CONFIG", "conv2d_bn_act"]
 
@@ -209,7 +210,7 @@ def conv2d_bn_act_kernel(
             sh = tl.load(in_shift_ptr + cin0 + c, mask=c_valid, other=0.0)
             t = a.to(ACC) * sc[None, :] + sh[None, :]
             if IN_RELU:
-                t = tl.maximum(t, 0.0)
+                t = relu_keep_nan(t)
             # Padding (and channels past the group) stay exactly 0 after the shift.
             a = tl.where(a_mask, t, 0.0).to(OPERAND)
         b_rows = (r * KW + s) * CIN_G + c
@@ -241,7 +242,7 @@ def conv2d_bn_act_kernel(
     if HAS_RESIDUAL:
         v += tl.load(residual_ptr + out_offs, mask=out_mask, other=0.0).to(ACC)
     if RELU:
-        v = tl.maximum(v, 0.0)
+        v = relu_keep_nan(v)
     tl.store(y_ptr + out_offs, v.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
