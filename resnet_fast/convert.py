@@ -1,12 +1,26 @@
-"""``convert(model)``: fuse an existing torchvision-style ResNet in place.
+"""``convert(model)``: fuse an existing model in place, by class for torchvision's ResNets and by
+dataflow for everything else.
 
-Every recognised block and ResNet stem keeps its modules, parameters and buffers (the same
-objects: the state_dict, optimizer parameter groups, hooks on the block and ``.to()`` all carry
-on) and only changes class to the fused :class:`resnet_fast.models.BasicBlock`,
-:class:`~resnet_fast.models.Bottleneck` or :class:`~resnet_fast.models.ResNet`, whose forwards
-run the same computation through the fused ops.
+Two paths, both keeping every module object (parameters, buffers, hooks, state_dict keys and
+optimizer parameter groups carry on, and so do ``.to()``, ``train()``/``eval()``,
+``load_state_dict``, ``copy.deepcopy`` and pickling):
 
-Recognised ("plain" means the module's class keeps ``torch.nn``'s forward and has no hooks):
+* **Class swap**, for modules with torchvision's child names (``conv1``, ``bn1`` and ``relu``):
+  a recognised block or ResNet only changes class, to the fused
+  :class:`resnet_fast.models.BasicBlock`, :class:`~resnet_fast.models.Bottleneck` or
+  :class:`~resnet_fast.models.ResNet`, whose forwards run the same computation through the
+  fused ops.
+* **Dataflow** (:mod:`resnet_fast.graph_fusion`), for every other module that holds a
+  BatchNorm (timm's ResNets, ResNet-D stems and shortcuts, VGG-style ``nn.Sequential`` stacks,
+  and the torchvision-named modules the class swap refuses): ``torch.fx`` finds
+  ``conv -> BN (-> ReLU)``, ``conv -> BN -> add (-> ReLU)`` and deferred hand-offs by what
+  feeds what, and the module keeps its class and gets a fused ``forward`` of its own. The
+  model's own forward (and methods such as ``forward_features``) is kept as it is, so what it
+  runs itself (timm's ``bn1`` after the stem) stays unfused; a plain ``nn.Sequential`` model
+  is rewritten itself.
+
+Recognised by the class swap ("plain" means the module's class keeps ``torch.nn``'s forward and
+has no hooks):
 
 * a BasicBlock: children ``conv1, bn1, relu, conv2, bn2, downsample`` (any order), of
   torchvision's or resnet_fast's block classes or of any other class (duck-typed);
@@ -23,23 +37,29 @@ block, is refused), a plain ``nn.ReLU``, and ``downsample`` either ``None`` or
 ``nn.Sequential(conv, BatchNorm2d)``. A class derived from a recognised one that overrides its
 forward is refused: its forward may compute something else.
 
-A module that looks like a block or a ResNet (it has ``conv1`` and ``bn1``) but is not
-recognised is left untouched and reported, with the reason, in a :class:`ConvertWarning`
-(or a ``ValueError`` with ``strict=True``).
+Reported in a :class:`ConvertWarning` (or a ``ValueError`` with ``strict=True``, before anything
+changes), each naming the module and the reason: a module with torchvision's child names that
+the class swap refuses (fused by dataflow instead where that matches), and whatever dataflow
+fusion leaves unfused: a BatchNorm outside any fused op, an add after a fused conv + BatchNorm
+that is not fused with it (a squeeze-excitation or DropPath module between them), an
+activation other than ReLU that runs eagerly after a fused conv + BatchNorm, a module that
+``torch.fx`` cannot trace. :func:`eager_batch_norms` tells which BatchNorms of a model ran on
+their own in a forward.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Optional
+from typing import Iterator, Optional
 
 from torch import nn
 
-from resnet_fast import models, reference
+from resnet_fast import graph_fusion, models, reference
 from resnet_fast.nn import FusedModule, is_fusable_batch_norm, is_fusable_conv, is_relu, \
     validate_backend
 
-__all__ = ["convert", "ConvertWarning"]
+__all__ = ["convert", "ConvertWarning", "eager_batch_norms"]
 
 
 class ConvertWarning(UserWarning):
@@ -163,9 +183,11 @@ def _check_resnet(module: nn.Module) -> Optional[str]:
     return None
 
 
-def _looks_like_resnet_part(module: nn.Module) -> bool:
+def _has_torchvision_names(module: nn.Module) -> bool:
+    """Whether ``module`` is named as a torchvision block or ResNet is (``conv1``, ``bn1``,
+    ``relu``): the modules the class swap is for."""
     kids = _children(module)
-    return "conv1" in kids and "bn1" in kids
+    return "conv1" in kids and "bn1" in kids and "relu" in kids
 
 
 def _swap_class(module: nn.Module, target: type) -> Optional[str]:
@@ -179,25 +201,26 @@ def _swap_class(module: nn.Module, target: type) -> Optional[str]:
 
 def convert(model: nn.Module, backend: Optional[str] = None, *, strict: bool = False,
             memory_efficient: bool = False) -> nn.Module:
-    """Fuses every ResNet block and stem in ``model``, in place; returns ``model``.
+    """Fuses ``model`` in place; returns ``model``.
 
-    The modules keep their parameters, buffers, hooks and state_dict keys; only the classes of
-    the blocks and of the ResNet itself change (see the module docstring for what is
-    recognised). ``backend`` is used by every fused module (``None``: the default for the
-    input's device), and ``memory_efficient`` set on each (see :mod:`resnet_fast.models`).
-    Modules that look like ResNet blocks or stems but are not recognised are left untouched and
-    listed in a :class:`ConvertWarning` (``strict=True``: a ``ValueError``, before anything
-    changes); so is a model with nothing to fuse.
+    Modules with torchvision's child names that are recognised change class; every other
+    module holding a BatchNorm is fused by dataflow (see the module docstring). Parameters,
+    buffers, hooks and state_dict keys are kept. ``backend`` is used by every fused op
+    (``None``: the default for the input's device), and ``memory_efficient`` set on each
+    fused module and plan (see :mod:`resnet_fast.models`). What is not fused, and the modules
+    with torchvision's names the class swap refuses, are listed in a :class:`ConvertWarning`
+    (``strict=True``: a ``ValueError``, before anything changes); so is a model with nothing to
+    fuse. Converting again re-plans the dataflow fusion and reports the same.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() takes a torch.nn.Module, got {type(model).__name__}")
     backend = validate_backend(backend)
-    plan: list[tuple[nn.Module, type]] = []
-    skipped: list[str] = []
+    swaps: list[tuple[nn.Module, type]] = []
+    refused: list[tuple[str, nn.Module, str]] = []
     for name, module in model.named_modules():
-        if not _looks_like_resnet_part(module):
+        if not _has_torchvision_names(module):
             continue
-        label = name or "<model>"
+        label = f"{name or '<model>'} ({type(module).__name__})"
         kids = _children(module)
         if "layer1" in kids:
             reason = _check_resnet(module)
@@ -205,23 +228,56 @@ def convert(model: nn.Module, backend: Optional[str] = None, *, strict: bool = F
         else:
             target, reason = _check_block(module)
         if reason is None:
-            plan.append((module, target))
+            swaps.append((module, target))
         else:
-            skipped.append(f"{label} ({type(module).__name__}): {reason}")
+            refused.append((label, module, reason))
+    graph = graph_fusion.plan(model, exclude=tuple(m for m, _ in swaps),
+                              explained=tuple(m for _, m, _ in refused))
+    units = {id(m) for m in graph.units}
+    skipped = [f"{label}: {reason}" + (" (fused by dataflow instead)" if id(module) in units
+                                       else "")
+               for label, module, reason in refused] + graph.notes
     if strict and skipped:
-        raise ValueError("convert(strict=True): not fused: " + "; ".join(skipped))
-    for module, target in plan:
+        raise ValueError("convert(strict=True): not fused as asked, nothing changed: "
+                         + "; ".join(skipped))
+    for module, target in swaps:
         reason = _swap_class(module, target)
         if reason is not None:
             skipped.append(f"{type(module).__name__}: {reason}")
+    graph.install(backend, memory_efficient)
     for module in model.modules():
         if isinstance(module, FusedModule):
             module.backend = backend
             module.memory_efficient = bool(memory_efficient)
     if skipped:
-        warnings.warn("resnet_fast.convert left these modules unfused: " + "; ".join(skipped),
-                      ConvertWarning, stacklevel=2)
-    elif not plan:
-        warnings.warn(f"resnet_fast.convert found no ResNet block or stem in "
-                      f"{type(model).__name__}", ConvertWarning, stacklevel=2)
+        warnings.warn("resnet_fast.convert: " + "; ".join(skipped), ConvertWarning,
+                      stacklevel=2)
+    elif not swaps and not units:
+        warnings.warn(f"resnet_fast.convert found no ResNet block or stem, and no conv + "
+                      f"BatchNorm to fuse, in {type(model).__name__}", ConvertWarning,
+                      stacklevel=2)
     return model
+
+
+@contextlib.contextmanager
+def eager_batch_norms(model: nn.Module) -> Iterator[set[str]]:
+    """Collects, while the ``with`` block runs, the names of ``model``'s BatchNorm modules
+    whose own forward runs: those not fused (a fused op reads a BatchNorm's tensors and never
+    calls it). Nothing is added to the modules: a global forward hook watches every call.
+
+    ``with eager_batch_norms(model) as eager: model(x)``; then ``eager`` holds the names.
+    """
+    names = {id(m): n for n, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    seen: set[str] = set()
+
+    def record(module, args, output):
+        name = names.get(id(module))
+        if name is not None:
+            seen.add(name)
+
+    handle = nn.modules.module.register_module_forward_hook(record)
+    try:
+        yield seen
+    finally:
+        handle.remove()
