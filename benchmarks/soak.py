@@ -6,8 +6,11 @@ changing every call (batch 2-8, input 8x8 to 24x24), so every shape-keyed cache 
 After ``--warmup`` calls of each the resident set size (VmRSS) is taken as the baseline; the
 report gives its growth to the end, its peak, and the size of every cache the package keeps
 (``resnet_fast.backends.cache_sizes``), written to ``benchmarks/results/soak_<device>.json``.
+``--eager`` runs the same loop on the eager reference model instead (``soak_<device>_eager``),
+for what PyTorch's own caches (oneDNN's primitive cache, the allocator) take on their own.
 
-    .venv/bin/python benchmarks/soak.py               # 3000 + 3000 calls, about a minute
+    .venv/bin/python benchmarks/soak.py           # 3000 + 3000 calls, several minutes
+    .venv/bin/python benchmarks/soak.py --eager
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from _common import RESULTS, run_name, versions, write_json
-from resnet_fast import backends, models
+from resnet_fast import backends, models, reference
 
 
 def rss_mb() -> float:
@@ -44,11 +47,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--eager", action="store_true", help="the eager reference model")
     p.add_argument("--tag", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = models.ResNet(models.BasicBlock, [1, 1, 1, 1], num_classes=10,
+    family = reference if args.eager else models
+    model = family.ResNet(family.BasicBlock, [1, 1, 1, 1], num_classes=10,
                           small_input=True).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
@@ -73,7 +78,8 @@ def main(argv=None) -> int:
     end = rss_mb()
     peak = max(s["rss_mb"] for s in samples)
     result = {
-        "benchmark": "soak", "device": versions(torch.device("cpu")), "commit": commit(),
+        "benchmark": "soak", "model": "eager reference" if args.eager else "resnet_fast",
+        "device": versions(torch.device("cpu")), "commit": commit(),
         "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
         "training_steps": args.steps, "eval_calls": args.steps, "warmup": args.warmup,
         "rss_after_warmup_mb": round(baseline, 1), "rss_end_mb": round(end, 1),
@@ -81,7 +87,8 @@ def main(argv=None) -> int:
         "cache_sizes": backends.cache_sizes(), "rss_samples": samples,
     }
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"soak_{run_name(args.tag, torch.device('cpu'))}.json"
+    name = run_name(args.tag, torch.device("cpu")) + ("_eager" if args.eager else "")
+    path = RESULTS / f"soak_{name}.json"
     write_json(path, result)
     print(f"{args.steps} training steps + {args.steps} eval calls: RSS {baseline:.1f} MB after "
           f"{args.warmup} warm-up calls, {end:.1f} MB at the end (growth "

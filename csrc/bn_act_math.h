@@ -8,18 +8,24 @@
 // Notation, per channel c over the m = N*H*W values of that channel:
 //   mean = sum(x) / m,  var = sum((x - mean)^2) / m (biased, used to normalise),
 //   invstd = 1 / sqrt(var + eps),  xhat = (x - mean) * invstd,
-//   y = act(w * xhat + b + r_term)  =  act(x * scale + shift + r_term)
-//     with scale = w * invstd, shift = b - mean * scale, and r_term = 0 (no residual),
-//     r (plain residual) or r * r_scale + r_shift (residual that is itself BatchNorm'ed).
+//   y = act(w * xhat + b + r_term)  =  act((x - mean) * scale + b + r_term)
+//     with scale = w * invstd, and r_term = 0 (no residual), r (plain residual) or
+//     (r - r_mean) * r_scale + r_b (residual that is itself BatchNorm'ed; its r_b is added to
+//     b once per channel, so the kernels hold one bias for both branches).
+//   x is centred before it is scaled, as eager's (x - mean) * invstd: the folded form
+//   x * scale + (b - mean * scale) loses about ulp(|mean| * scale) where the mean is large
+//   against the spread (a constant channel: scale = w / sqrt(eps)).
 //
 // Backward, with g = dy * [not (pre-activation <= 0)] (the ReLU mask, recomputed from x and r):
 //   grad_b = sum(g),  grad_w = sum(g * xhat) = invstd * sum(g * (x - mean)),
 //   batch statistics:  dx = w * invstd * (g - sum(g)/m - xhat * sum(g * xhat)/m)
 //   fixed statistics (eval): dx = w * invstd * g
-// Both are affine in (g, x - mean) per channel: dx = g * k_g + (x - mean) * k_x + k_c;
-// bn_backward_coeffs() gives k_g, k_x, k_c so one elementwise pass produces dx (and the BN'ed
-// residual's gradient). Centring x before scaling keeps dx accurate when the channel's mean is
-// large against its spread (x * k_x + k_c' would cancel catastrophically).
+// Both are affine in (g, xhat) per channel: dx = g * k_g + xhat * k_xhat + k_c, with xhat
+// formed per element as (x - mean) * invstd; bn_backward_coeffs() gives k_g, k_xhat, k_c so
+// one elementwise pass produces dx (and the BN'ed residual's gradient). Centring x before
+// scaling keeps dx accurate when the channel's mean is large against its spread (x * k_x + k_c'
+// would cancel catastrophically), and normalising before the coefficient keeps it for huge
+// values (|x| ~ 1e30: a single coefficient of (x - mean), ~ invstd^2, would underflow).
 //
 // Non-finite values follow eager PyTorch: relu(NaN) is NaN, the gradient passes where the
 // pre-activation is NaN (threshold_backward zeroes it only where the value is <= 0), a channel
@@ -39,10 +45,12 @@ namespace resnet_fast {
 
 // ---------------------------------------------------------------- per element
 
-// The BatchNorm affine transform written as a fused multiply-add: x * scale + shift.
+// The BatchNorm transform of one value before its bias: (x - mean) * scale, scale = w * invstd.
+// Every backend forms the pre-activation in one order: (x - mean) * scale + bias, then + r or
+// + (r - r_mean) * r_scale.
 template <typename T>
-RF_HOST_DEVICE T bn_affine(T x, T scale, T shift) {
-  return x * scale + shift;
+RF_HOST_DEVICE T bn_centered(T x, T mean, T scale) {
+  return (x - mean) * scale;
 }
 
 // max(v, 0) that keeps NaN (fmax and most vector max instructions drop it).
@@ -54,11 +62,13 @@ RF_HOST_DEVICE double relu_value(double v) { return v < 0.0 ? 0.0 : v; }
 RF_HOST_DEVICE float relu_grad(float pre, float dy) { return pre <= 0.f ? 0.f : dy; }
 RF_HOST_DEVICE double relu_grad(double pre, double dy) { return pre <= 0.0 ? 0.0 : dy; }
 
-// dx = g * k_g + (x - mean) * k_x + k_c with batch statistics, dx = g * k_g with fixed ones
-// (see bn_backward_coeffs); the fixed form leaves x out, so a non-finite x cannot reach dx.
+// dx = g * k_g + (x - mean) * invstd * k_xhat + k_c with batch statistics, dx = g * k_g with
+// fixed ones (see bn_backward_coeffs); the fixed form leaves x out, so a non-finite x cannot
+// reach dx.
 template <typename T>
-RF_HOST_DEVICE T bn_input_grad(bool batch_stats, T g, T x, T mean, T k_g, T k_x, T k_c) {
-  return batch_stats ? g * k_g + (x - mean) * k_x + k_c : g * k_g;
+RF_HOST_DEVICE T bn_input_grad(bool batch_stats, T g, T x, T mean, T invstd, T k_g, T k_xhat,
+                               T k_c) {
+  return batch_stats ? g * k_g + ((x - mean) * invstd) * k_xhat + k_c : g * k_g;
 }
 
 // ---------------------------------------------------------------- per channel
@@ -73,18 +83,19 @@ RF_HOST_DEVICE A bn_pivot(A first) {
 // Shifted sums: s1 = sum(x - pivot), s2 = sum((x - pivot)^2) over m values. Shifting by a
 // value of the channel (its first element) keeps the variance exact for data whose mean is
 // large against its spread, where raw sum / sum-of-squares would cancel catastrophically.
-// The per-channel finish runs in double: where finite values overflow s2 (|x| ~ 1e30 in
-// float), d * d stays finite and the variance comes out +inf as eager's does, not inf - inf;
-// an inf or NaN value of x makes s1 non-finite and the variance NaN, also as in eager.
+// The per-channel finish runs in double, the mean rounded once: where finite values overflow
+// a float s2 (|x| ~ 1e30), d * d stays finite and the variance comes out +inf as eager's does,
+// not inf - inf; an inf or NaN value of x makes s1 non-finite and the variance NaN, also as in
+// eager.
 template <typename A>
 RF_HOST_DEVICE void bn_stats_from_shifted_sums(A m, A s1, A s2, A pivot, A eps,
                                                A* mean, A* var, A* invstd) {
   const double d = static_cast<double>(s1) / static_cast<double>(m);
   double v = static_cast<double>(s2) / static_cast<double>(m) - d * d;
   v = v < 0.0 ? 0.0 : v;  // rounding can make it slightly negative; NaN stays NaN
-  *mean = pivot + static_cast<A>(d);
+  *mean = static_cast<A>(static_cast<double>(pivot) + d);
   *var = static_cast<A>(v);
-  *invstd = A(1) / std::sqrt(*var + eps);
+  *invstd = static_cast<A>(1.0 / std::sqrt(v + static_cast<double>(eps)));
 }
 
 // The normalising factor of a variance: 1 / sqrt(var + eps) (running variance in eval).
@@ -103,34 +114,27 @@ RF_HOST_DEVICE void bn_running_update(A m, A mean, A var, A momentum, A* running
   *running_var = (A(1) - momentum) * *running_var + momentum * unbiased;
 }
 
-// y = x * scale + shift  <=>  y = w * (x - mean) * invstd + b.
-template <typename A>
-RF_HOST_DEVICE void bn_scale_shift(A mean, A invstd, A w, A b, A* scale, A* shift) {
-  *scale = w * invstd;
-  *shift = b - mean * *scale;
-}
-
 // grad_w = sum(g * xhat) = invstd * sum(g * (x - mean)), from the channel's sum_gc.
 template <typename A>
 RF_HOST_DEVICE A bn_weight_grad(A sum_gc, A invstd) {
   return sum_gc * invstd;
 }
 
-// Coefficients of dx = g * k_g + (x - mean) * k_x + k_c from the channel's sums
+// Coefficients of dx = g * k_g + xhat * k_xhat + k_c from the channel's sums
 // sum_g = sum(g), sum_gc = sum(g * (x - mean)). With batch statistics the mean and invstd
 // depend on x, which adds the two centring terms; with fixed statistics only k_g remains.
 template <typename A>
 RF_HOST_DEVICE void bn_backward_coeffs(A m, A sum_g, A sum_gc, A mean, A invstd, A w,
-                                       bool batch_stats, A* k_g, A* k_x, A* k_c) {
+                                       bool batch_stats, A* k_g, A* k_xhat, A* k_c) {
   const A a = w * invstd;
   *k_g = a;
   if (batch_stats) {
     const A mean_g = sum_g / m;
-    const A mean_gxhat_invstd = sum_gc * invstd * invstd / m;  // mean(g * xhat) * invstd
-    *k_x = -a * mean_gxhat_invstd;
+    const A mean_gxhat = sum_gc * invstd / m;  // mean(g * xhat)
+    *k_xhat = -a * mean_gxhat;
     *k_c = -a * mean_g;
   } else {
-    *k_x = A(0);
+    *k_xhat = A(0);
     *k_c = A(0);
   }
 }

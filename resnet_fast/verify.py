@@ -98,6 +98,10 @@ class Case:
     # (tensor, value): one element of "input" or "residual" (batch 0, channel 1 or 0, the first
     # row, the middle column) set to value, e.g. NaN, inf or 1e30.
     special: Optional[tuple[str, float]] = None
+    # The input as input_offset + input_spread * (the drawn values): a mean far from 0 against
+    # the spread (a constant channel with input_spread=0) tests how the kernels centre x.
+    input_offset: float = 0.0
+    input_spread: float = 1.0
 
     def __post_init__(self):
         if self.op in CONV_OPS and self.conv is None:
@@ -120,6 +124,8 @@ class Case:
         if not self.affine:
             mode += ",no-affine"
         conv = "" if self.conv is None else " " + self.conv.describe()
+        if (self.input_offset, self.input_spread) != (0.0, 1.0):
+            mode += f",input={self.input_offset:g}+{self.input_spread:g}*x"
         special = "" if self.special is None else f" {self.special[0]}={self.special[1]:g}"
         return (f"{self.op} {tuple(self.shape)}{conv} {str(self.dtype).replace('torch.', '')} "
                 f"{self.layout} {mode}{special}")
@@ -180,6 +186,7 @@ def _master_inputs(case: Case, generator: torch.Generator) -> dict[str, Optional
     residual_bn = OPS[case.op][1]
     # Per-channel offsets and scales so channels differ, centred so ReLU cuts about half.
     t = {"input": randn(N, C, H, W) * (0.5 + rand(1, C, 1, 1) * 2) + randn(1, C, 1, 1)}
+    t["input"] = case.input_offset + case.input_spread * t["input"]
     out_shape = (N, C, H, W)
     if case.conv is not None:
         cv = case.conv

@@ -58,6 +58,12 @@ def test_parity(case, backend):
         dict(shape=(2, 6, 3, 3), affine=False),  # weight and bias None
         dict(shape=(2, 6, 3, 3), dtype=torch.float64),
         dict(shape=(2, 6, 3, 3), dtype=torch.float16, layout="channels_last"),
+        # a mean 1e4 times the spread, and constant channels (variance 0): x is centred before
+        # it is scaled, as eager does (the folded x * scale + shift fails both)
+        dict(shape=(4, 3, 6, 6), input_offset=100.0, input_spread=0.01),
+        dict(shape=(2, 6, 3, 3), input_offset=0.7, input_spread=0.0),
+        dict(shape=(2, 6, 3, 3), input_offset=0.7, input_spread=0.0, training=False,
+             track_running_stats=False),
     ],
     ids=lambda v: ",".join(f"{k}={v[k]}" for k in v),
 )

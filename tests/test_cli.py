@@ -253,8 +253,8 @@ def test_verify_a_model_from_module_callable(tmp_path):
     env["PYTHONPATH"] = str(ROOT / "tests")
     res = subprocess.run([sys.executable, "-m", "resnet_fast", "verify", "--model",
                           "test_fx_convert:tiny_resnet26t", "--input", "2x3x16x16", "--backend",
-                          "cpu", "--json", str(out)], capture_output=True, text=True, env=env,
-                         timeout=600, cwd=ROOT)
+                          "cpu", "--dtypes", "float64", "--json", str(out)], capture_output=True,
+                         text=True, env=env, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "BatchNorm layers inside fused ops: 17/18 in eval, 17/18 in training" in res.stdout
     rows = json.loads(out.read_text())

@@ -694,7 +694,8 @@ def test_verify_model_command(capsys, tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     try:
         code = cli_main(["verify", "--model", "test_fx_convert:tiny_resnet26t", "--input",
-                         "2x3x16x16", "--backend", "cpu", "--json", str(out)])
+                         "2x3x16x16", "--backend", "cpu", "--dtypes", "float64", "--json",
+                         str(out)])
     finally:
         sys.path.remove(str(Path(__file__).parent))
     stdout = capsys.readouterr().out

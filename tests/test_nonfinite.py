@@ -58,25 +58,7 @@ def _check(case: Case, backend: str) -> None:
     assert result.passed, f"{case.describe()} [{backend}]: " + "; ".join(result.failures())
 
 
-def _cpu_cases() -> list:
-    """A huge value in a strided input of a training BatchNorm: eager's strided kernel keeps the
-    variance in double (2e57, invstd 2e-29 fits float32), while the cpu backend's statistics
-    pass accumulates the pivot-shifted squares in float32 before its double totals, so the
-    square overflows, the variance is inf and the channel collapses to its bias (as eager's own
-    contiguous kernel does). Recorded as a strict xfail until that pass accumulates in double."""
-    params = []
-    for p in _cases(("contiguous", "channels_last", "strided"), SPECIALS):
-        case = p.values[0]
-        normalised = case.special[0] == "input" or OPS[case.op][1]
-        if (case.layout == "strided" and case.training and case.special[1] == 1e30
-                and case.op != "conv_bn_relu" and normalised):
-            p = pytest.param(case, id=p.id, marks=pytest.mark.xfail(
-                strict=True, reason="float32 accumulation of squares in the statistics pass"))
-        params.append(p)
-    return params
-
-
-@pytest.mark.parametrize("case", _cpu_cases())
+@pytest.mark.parametrize("case", _cases(("contiguous", "channels_last", "strided"), SPECIALS))
 def test_cpu_backend_nonfinite_like_eager(case):
     _check(case, "cpu")
 

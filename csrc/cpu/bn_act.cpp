@@ -59,7 +59,8 @@ using at::vec::Vectorized;
 
 enum ResidualMode { kNoResidual = 0, kAddResidual = 1, kBatchNormResidual = 2 };
 
-// Rows of channels_last data accumulated in acc_t before the sums move into double totals.
+// Rows of channels_last data accumulated in the pass's type before the sums move into double
+// totals (the statistics pass accumulates in double throughout, the backward sums in acc_t).
 constexpr int64_t kFlushRows = 256;
 // Elements one task of an elementwise pass should get at least.
 constexpr int64_t kGrainElements = 32768;
@@ -79,21 +80,27 @@ constexpr int64_t lanes() {
   }
 }
 
-// Load one value (T = acc_t) or one vector (T = Vectorized<acc_t>) of scalar_t as acc_t.
+// Load one value (T = acc_t) or one vector (T = Vectorized<acc_t>) of scalar_t as acc_t
+// (acc_t is float or double; double vectors of narrower types are widened lane by lane).
 template <typename T, typename scalar_t>
 inline T load_as(const scalar_t* p) {
   if constexpr (!is_vec<T>::value) {
     return static_cast<T>(*p);
+  } else if constexpr (std::is_same_v<typename T::value_type, scalar_t>) {
+    return T::loadu(p);
+  } else if constexpr (std::is_same_v<typename T::value_type, double>) {
+    alignas(64) double wide[T::size()];
+    for (int64_t i = 0; i < T::size(); ++i) wide[i] = static_cast<double>(p[i]);
+    return T::loadu(wide);
   } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     T out;
     at::vec::load_fp32_from_bf16(p, out);
     return out;
-  } else if constexpr (std::is_same_v<scalar_t, at::Half>) {
+  } else {
+    static_assert(std::is_same_v<scalar_t, at::Half>, "load_as: unsupported scalar type");
     T out;
     at::vec::load_fp32_from_fp16(p, out);
     return out;
-  } else {
-    return T::loadu(p);
   }
 }
 
@@ -264,23 +271,25 @@ at::Tensor empty_output_like(const at::Tensor& x) {
   return t;
 }
 
-// Per-channel scale/shift of both BatchNorm branches, the constants every pass uses.
+// Per-channel mean and scale (w * invstd) of both BatchNorm branches and their one bias (b, plus
+// the residual's when it is BatchNorm'ed), the constants every pass uses.
 template <bool kChannelsLast, typename acc_t>
 struct Affine {
-  ChannelArray<kChannelsLast, acc_t> scale, shift, r_scale, r_shift;
+  ChannelArray<kChannelsLast, acc_t> mean, scale, bias, r_mean, r_scale;
 };
 
-// Pre-activation value act_in = x*scale + shift + r_term at element e, channel index j.
+// Pre-activation value act_in = (x - mean) * scale + bias + r_term at element e, channel j.
 template <int kMode, bool kChannelsLast, typename T, typename acc_t, typename scalar_t>
 inline T pre_activation(const Affine<kChannelsLast, acc_t>& a, const scalar_t* x,
                         const scalar_t* r, int64_t e, int64_t j, T* r_value) {
-  T v = bn_affine(load_as<T>(x + e), a.scale.template get<T>(j), a.shift.template get<T>(j));
+  T v = bn_centered(load_as<T>(x + e), a.mean.template get<T>(j), a.scale.template get<T>(j)) +
+          a.bias.template get<T>(j);
   if constexpr (kMode != kNoResidual) {
     *r_value = load_as<T>(r + e);
     if constexpr (kMode == kAddResidual) {
       v = v + *r_value;
     } else {
-      v = v + bn_affine(*r_value, a.r_scale.template get<T>(j), a.r_shift.template get<T>(j));
+      v = v + bn_centered(*r_value, a.r_mean.template get<T>(j), a.r_scale.template get<T>(j));
     }
   }
   return v;
@@ -362,7 +371,8 @@ struct BackwardApply {
   scalar_t* dx;
   scalar_t* dr;
   Affine<kChannelsLast, acc_t> a;
-  ChannelArray<kChannelsLast, acc_t> mean, r_mean, k_g, k_x, k_c, r_k_g, r_k_x, r_k_c;
+  ChannelArray<kChannelsLast, acc_t> mean, r_mean, invstd, r_invstd, k_g, k_xhat, k_c, r_k_g,
+      r_k_xhat, r_k_c;
   bool relu;
   bool batch_stats;
   template <typename T>
@@ -370,14 +380,14 @@ struct BackwardApply {
     T r_value;
     const T g = masked_grad<kMode>(a, dy, x, r, relu, e, j, &r_value);
     store_as(dx + e, bn_input_grad(batch_stats, g, load_as<T>(x + e), mean.template get<T>(j),
-                                   k_g.template get<T>(j), k_x.template get<T>(j),
-                                   k_c.template get<T>(j)));
+                                   invstd.template get<T>(j), k_g.template get<T>(j),
+                                   k_xhat.template get<T>(j), k_c.template get<T>(j)));
     if constexpr (kMode == kAddResidual) {
       store_as(dr + e, g);
     } else if constexpr (kMode == kBatchNormResidual) {
       store_as(dr + e, bn_input_grad(batch_stats, g, r_value, r_mean.template get<T>(j),
-                                     r_k_g.template get<T>(j), r_k_x.template get<T>(j),
-                                     r_k_c.template get<T>(j)));
+                                     r_invstd.template get<T>(j), r_k_g.template get<T>(j),
+                                     r_k_xhat.template get<T>(j), r_k_c.template get<T>(j)));
     }
   }
 };
@@ -435,8 +445,8 @@ ChannelArray<kCL, acc_t> as_layout(ChannelArray<true, acc_t> c) {
 
 template <bool kCL, typename acc_t>
 Affine<kCL, acc_t> as_layout(const Affine<true, acc_t>& a) {
-  return {as_layout<kCL>(a.scale), as_layout<kCL>(a.shift), as_layout<kCL>(a.r_scale),
-          as_layout<kCL>(a.r_shift)};
+  return {as_layout<kCL>(a.mean), as_layout<kCL>(a.scale), as_layout<kCL>(a.bias),
+          as_layout<kCL>(a.r_mean), as_layout<kCL>(a.r_scale)};
 }
 
 int residual_mode(const std::optional<at::Tensor>& residual, bool residual_bn) {
@@ -444,8 +454,8 @@ int residual_mode(const std::optional<at::Tensor>& residual, bool residual_bn) {
   return residual_bn ? kBatchNormResidual : kAddResidual;
 }
 
-// Fills affine rows (scale, shift, r_scale, r_shift) from save_stats (mean, invstd per branch)
-// and the branches' weight and bias.
+// Fills the affine rows (mean, scale, bias, r_mean, r_scale; see Affine) from save_stats
+// (mean, invstd per branch) and the branches' weight and bias.
 template <typename acc_t>
 void fill_affine(const acc_t* stats, int64_t branches, int64_t C,
                  const std::array<const at::Tensor*, 2>& weight,
@@ -454,15 +464,17 @@ void fill_affine(const acc_t* stats, int64_t branches, int64_t C,
     const acc_t* wp = weight[br]->data_ptr<acc_t>();
     const acc_t* bp = bias[br]->data_ptr<acc_t>();
     for (int64_t c = 0; c < C; ++c) {
-      bn_scale_shift<acc_t>(stats[(br * 2) * C + c], stats[(br * 2 + 1) * C + c], wp[c], bp[c],
-                            affine + (2 * br) * C + c, affine + (2 * br + 1) * C + c);
+      const int64_t row = br == 0 ? 0 : 3;  // rows of this branch's mean and scale
+      affine[row * C + c] = stats[(br * 2) * C + c];
+      affine[(row + 1) * C + c] = wp[c] * stats[(br * 2 + 1) * C + c];
+      affine[2 * C + c] = br == 0 ? bp[c] : affine[2 * C + c] + bp[c];
     }
   }
 }
 
 template <typename acc_t>
 Affine<true, acc_t> affine_view(const acc_t* p, int64_t C) {
-  return {{p}, {p + C}, {p + 2 * C}, {p + 3 * C}};
+  return {{p}, {p + C}, {p + 2 * C}, {p + 3 * C}, {p + 4 * C}};
 }
 
 // Batch statistics of x (and of r when it is given: the BatchNorm'ed residual) in one read:
@@ -476,20 +488,24 @@ void batch_statistics(const Shape& s, bool cl, const scalar_t* xp, const scalar_
   const int64_t C = s.C;
   const int64_t B = rp != nullptr ? 2 : 1;
   // Pivot of each channel: its first element (n = 0, hw = 0), or 0 where that is not finite.
-  std::vector<acc_t> pivots(static_cast<size_t>(2 * C), acc_t(0));
+  std::vector<double> pivots(static_cast<size_t>(2 * C), 0.0);
   const int64_t channel_step = cl ? 1 : s.HW;
   for (int64_t c = 0; c < C; ++c) {
-    pivots[c] = bn_pivot(static_cast<acc_t>(xp[c * channel_step]));
-    if (rp != nullptr) pivots[C + c] = bn_pivot(static_cast<acc_t>(rp[c * channel_step]));
+    pivots[c] = bn_pivot(static_cast<double>(xp[c * channel_step]));
+    if (rp != nullptr) pivots[C + c] = bn_pivot(static_cast<double>(rp[c * channel_step]));
   }
+  // The shifted values and their squares in double: x - pivot is then exact, so the mean is
+  // the correctly rounded mean of the data (as eager's double sums give it; a 1-ulp error in
+  // the mean shows in the conv weight gradient that BatchNorm makes zero by symmetry), and
+  // the squares of finite values near the float range do not overflow.
   std::vector<double> sums(static_cast<size_t>(4 * C));
   dispatch_layout(cl, [&](auto cl_c) {
     constexpr bool kCL = decltype(cl_c)::value;
-    const ShiftedMoments<kCL, acc_t, scalar_t> f{xp, rp, {pivots.data()}, {pivots.data() + C}};
+    const ShiftedMoments<kCL, double, scalar_t> f{xp, rp, {pivots.data()}, {pivots.data() + C}};
     if (rp != nullptr) {
-      reduce_per_channel<4, kCL, acc_t>(s, f, sums.data());
+      reduce_per_channel<4, kCL, double>(s, f, sums.data());
     } else {
-      reduce_per_channel<2, kCL, acc_t>(s, f, sums.data());
+      reduce_per_channel<2, kCL, double>(s, f, sums.data());
     }
   });
   const double m = static_cast<double>(s.m());
@@ -568,7 +584,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(
         }
       }
     }
-    std::vector<acc_t> affine(static_cast<size_t>(4 * C));  // scale, shift, r_scale, r_shift
+    std::vector<acc_t> affine(static_cast<size_t>(5 * C));  // see fill_affine
     acc_t* aff = affine.data();
     fill_affine<acc_t>(stats, B, C, {&weight, residual_bn ? &*residual_weight : nullptr},
                        {&bias, residual_bn ? &*residual_bias : nullptr}, aff);
@@ -622,7 +638,7 @@ bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::T
     const scalar_t* rp = residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr;
     const acc_t* stats = save_stats.data_ptr<acc_t>();
     const std::array<const at::Tensor*, 2> w = {&weight, residual_bn ? &*residual_weight : nullptr};
-    std::vector<acc_t> affine(static_cast<size_t>(4 * C));  // scale, shift, r_scale, r_shift
+    std::vector<acc_t> affine(static_cast<size_t>(5 * C));  // see fill_affine
     acc_t* aff = affine.data();
     fill_affine<acc_t>(stats, B, C, w, {&bias, residual_bn ? &*residual_bias : nullptr}, aff);
 
@@ -637,7 +653,7 @@ bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::T
     });
 
     const acc_t m = static_cast<acc_t>(s.m());
-    std::vector<acc_t> coeffs(static_cast<size_t>(6 * C));  // k_g, k_x, k_c, r_k_g, r_k_x, r_k_c
+    std::vector<acc_t> coeffs(static_cast<size_t>(6 * C));  // k_g, k_xhat, k_c, then r_*
     acc_t* k = coeffs.data();
     std::array<acc_t*, 2> gw = {grad_weight.data_ptr<acc_t>(),
                                 residual_bn ? grad_residual_weight.data_ptr<acc_t>() : nullptr};
@@ -666,8 +682,8 @@ bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::T
       constexpr bool kCL = decltype(cl_c)::value;
       const BackwardApply<kMode, kCL, acc_t, scalar_t> f{
           dyp, xp, rp, dxp, drp, as_layout<kCL>(affine_view(aff, C)), {stats}, {stats + 2 * C},
-          {k}, {k + C}, {k + 2 * C}, {k + 3 * C}, {k + 4 * C}, {k + 5 * C}, relu,
-          training};
+          {stats + C}, {stats + 3 * C}, {k}, {k + C}, {k + 2 * C}, {k + 3 * C}, {k + 4 * C},
+          {k + 5 * C}, relu, training};
       for_each_element<kCL, acc_t>(s, f);
     });
   });
@@ -709,7 +725,7 @@ at::Tensor bn_apply_cpu(const at::Tensor& x, const at::Tensor& stats, const at::
   at::Tensor out = empty_output_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_apply_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    std::vector<acc_t> affine(static_cast<size_t>(4 * s.C));  // scale, shift (r_* unused)
+    std::vector<acc_t> affine(static_cast<size_t>(5 * s.C));  // r_* unused
     acc_t* aff = affine.data();
     fill_affine<acc_t>(stats.data_ptr<acc_t>(), 1, s.C, {&weight, nullptr}, {&bias, nullptr},
                        aff);

@@ -250,18 +250,26 @@ __device__ __forceinline__ void sum_block_columns(acc_t (&vals)[kVals], int widt
 // Reduce ops give load_channel(c) and accumulate(); apply ops give finalize(c, totals, write)
 // and apply(). kQuantities: per-channel sums a reduce op produces / an apply op consumes.
 
-// scale and shift of each BatchNorm branch of one channel, and the pre-activation
-// act_in = x*scale + shift + r_term that the output and the ReLU mask are computed from.
+// mean and scale (w * invstd) of each BatchNorm branch of one channel and their one bias (b,
+// plus the residual's when it is BatchNorm'ed), and the pre-activation
+// act_in = (x - mean) * scale + bias + r_term that the output and the ReLU mask are computed from.
 template <int kMode, typename acc_t>
 struct ChannelAffine {
   static constexpr int kBranches = kMode == kBatchNormResidual ? 2 : 1;
+  acc_t mean[kBranches];
   acc_t scale[kBranches];
-  acc_t shift[kBranches];
+  acc_t bias;
 
+  // Branch 0 first: it sets the bias, branch 1 adds to it.
+  __device__ __forceinline__ void set(int b, acc_t mean_b, acc_t invstd, acc_t w, acc_t bias_b) {
+    mean[b] = mean_b;
+    scale[b] = w * invstd;
+    bias = b == 0 ? bias_b : bias + bias_b;
+  }
   __device__ __forceinline__ acc_t pre_activation(acc_t x, acc_t r) const {
-    acc_t y = bn_affine(x, scale[0], shift[0]);
+    acc_t y = bn_centered(x, mean[0], scale[0]) + bias;
     if constexpr (kMode == kAddResidual) y = y + r;
-    if constexpr (kMode == kBatchNormResidual) y = y + bn_affine(r, scale[1], shift[1]);
+    if constexpr (kMode == kBatchNormResidual) y = y + bn_centered(r, mean[1], scale[1]);
     return y;
   }
 };
@@ -300,9 +308,10 @@ struct ForwardStatsOp {
   }
 };
 
-// Forward, elementwise pass: out = act(x*scale + shift + r_term). Its prologue turns the
-// shifted sums (training) or the running statistics (eval) into mean/invstd, writes save_stats
-// and new_running, and gives each channel its scale and shift. Inputs: x [, r]; output: out.
+// Forward, elementwise pass: out = act((x - mean) * scale + bias + r_term). Its prologue turns
+// the shifted sums (training) or the running statistics (eval) into mean/invstd, writes
+// save_stats and new_running, and gives each channel its mean, scale and bias. Inputs: x [, r];
+// output: out.
 template <typename T, int kMode>
 struct ForwardApplyOp {
   using scalar_t = T;
@@ -311,7 +320,8 @@ struct ForwardApplyOp {
   static constexpr int kInputs = kMode == kNoResidual ? 1 : 2;
   static constexpr int kOutputs = 1;
   static constexpr int kQuantities = 2 * kBranches;
-  static constexpr int kUnroll = 4;
+  // Three for the BatchNorm'ed residual: two branches' constants fill more registers.
+  static constexpr int kUnroll = kMode == kBatchNormResidual ? 3 : 4;
   static constexpr int kMinBlocks = kMinResidentBlocks;
   using Channel = ChannelAffine<kMode, acc_t>;
 
@@ -358,7 +368,7 @@ struct ForwardApplyOp {
         save_stats[(2 * b) * channels + c] = mean;
         save_stats[(2 * b + 1) * channels + c] = invstd;
       }
-      bn_scale_shift(mean, invstd, weight[b][c], bias[b][c], &ch.scale[b], &ch.shift[b]);
+      ch.set(b, mean, invstd, weight[b][c], bias[b][c]);
     }
     return ch;
   }
@@ -370,7 +380,7 @@ struct ForwardApplyOp {
 };
 
 // The parts of both backward passes: inputs dy, x [, r], the ReLU-masked gradient
-// g = dy * [act_in > 0], and mean/invstd/scale/shift of a channel from save_stats.
+// g = dy * [not act_in <= 0], and mean/invstd/scale/bias of a channel from save_stats.
 template <typename T, int kMode>
 struct BackwardOpBase {
   using scalar_t = T;
@@ -421,8 +431,7 @@ struct BackwardSumsOp : BackwardOpBase<T, kMode> {
     for (int b = 0; b < kBranches; ++b) {
       acc_t invstd;
       this->branch_stats(b, c, &ch.mean[b], &invstd);
-      bn_scale_shift(ch.mean[b], invstd, this->weight[b][c], this->bias[b][c],
-                     &ch.affine.scale[b], &ch.affine.shift[b]);
+      ch.affine.set(b, ch.mean[b], invstd, this->weight[b][c], this->bias[b][c]);
     }
     return ch;
   }
@@ -435,9 +444,9 @@ struct BackwardSumsOp : BackwardOpBase<T, kMode> {
   }
 };
 
-// Backward, elementwise pass: dx = g*k_g + (x - mean)*k_x + k_c, and the residual's gradient (g for a
-// plain add, the same affine form with its own coefficients when BatchNorm'ed). Its prologue
-// writes the weight and bias gradients. Outputs: dx [, dr].
+// Backward, elementwise pass: dx = g*k_g + (x - mean)*invstd*k_xhat + k_c, and the residual's
+// gradient (g for a plain add, the same form with its own coefficients when BatchNorm'ed). Its
+// prologue writes the weight and bias gradients. Outputs: dx [, dr].
 template <typename T, int kMode>
 struct BackwardApplyOp : BackwardOpBase<T, kMode> {
   using Base = BackwardOpBase<T, kMode>;
@@ -446,10 +455,9 @@ struct BackwardApplyOp : BackwardOpBase<T, kMode> {
   using Base::kInputs;
   static constexpr int kOutputs = kMode == kNoResidual ? 1 : 2;
   struct Channel {
-    ChannelAffine<kMode, acc_t> affine;
-    acc_t mean[kBranches];
-    acc_t k_g[kBranches];
-    acc_t k_x[kBranches];
+    ChannelAffine<kMode, acc_t> affine;  // its mean; its scale w * invstd is k_g
+    acc_t invstd[kBranches];
+    acc_t k_xhat[kBranches];
     acc_t k_c[kBranches];
   };
 
@@ -468,11 +476,12 @@ struct BackwardApplyOp : BackwardOpBase<T, kMode> {
       acc_t mean, invstd;
       this->branch_stats(b, c, &mean, &invstd);
       const acc_t w = this->weight[b][c];
-      bn_scale_shift(mean, invstd, w, this->bias[b][c], &ch.affine.scale[b], &ch.affine.shift[b]);
+      ch.affine.set(b, mean, invstd, w, this->bias[b][c]);
       const acc_t sum_gc = totals[1 + b];
-      bn_backward_coeffs(m, sum_g, sum_gc, mean, invstd, w, batch_stats, &ch.k_g[b], &ch.k_x[b],
+      acc_t k_g;  // equal to ch.affine.scale[b]
+      bn_backward_coeffs(m, sum_g, sum_gc, mean, invstd, w, batch_stats, &k_g, &ch.k_xhat[b],
                          &ch.k_c[b]);
-      ch.mean[b] = mean;
+      ch.invstd[b] = invstd;
       if (write_outputs) {
         grad_weight[b][c] = bn_weight_grad(sum_gc, invstd);
         grad_bias[b][c] = sum_g;
@@ -483,11 +492,13 @@ struct BackwardApplyOp : BackwardOpBase<T, kMode> {
   __device__ __forceinline__ void apply(const Channel& ch, const acc_t (&v)[kInputs],
                                         acc_t (&out)[kOutputs]) const {
     const acc_t g = this->masked_grad(ch.affine, v);
-    out[0] = bn_input_grad(batch_stats, g, v[1], ch.mean[0], ch.k_g[0], ch.k_x[0], ch.k_c[0]);
+    out[0] = bn_input_grad(batch_stats, g, v[1], ch.affine.mean[0], ch.invstd[0],
+                           ch.affine.scale[0], ch.k_xhat[0], ch.k_c[0]);
     if constexpr (kMode == kAddResidual) out[kOutputs - 1] = g;
     if constexpr (kMode == kBatchNormResidual) {
       out[kOutputs - 1] =
-          bn_input_grad(batch_stats, g, this->residual_of(v), ch.mean[1], ch.k_g[1], ch.k_x[1], ch.k_c[1]);
+          bn_input_grad(batch_stats, g, this->residual_of(v), ch.affine.mean[1], ch.invstd[1],
+                        ch.affine.scale[1], ch.k_xhat[1], ch.k_c[1]);
     }
   }
 };

@@ -4,8 +4,10 @@ Math (csrc/bn_act_math.h has the same formulas for the C++ backends). Per channe
 m = N*H*W values:
 
     mean = sum(x) / m,   var = sum((x - mean)^2) / m (biased),   invstd = 1 / sqrt(var + eps)
-    out = act(x * scale + shift + r_term),   scale = w * invstd,   shift = b - mean * scale
-    r_term = 0 | r | r * r_scale + r_shift (the residual BatchNorm'ed with its own statistics)
+    out = act((x - mean) * scale + b + r_term),   scale = w * invstd
+    r_term = 0 | r | (r - r_mean) * r_scale + r_b (the residual BatchNorm'ed with its own
+    statistics); x is centred before it is scaled, as in eager, which keeps a channel whose mean
+    is large against its spread exact (the folded x * scale + (b - mean * scale) would not)
 
 The statistics come from pivot-shifted sums, s1 = sum(x - p), s2 = sum((x - p)^2) with p the
 channel's first element: mean = p + s1/m, var = max(s2/m - (s1/m)^2, 0). Shifting keeps the
@@ -17,10 +19,10 @@ Training also gives nn.BatchNorm2d's running update:
 Backward, with g = dy * [not pre-activation <= 0] (the ReLU mask recomputed from x, r and the saved
 statistics):
     grad_bias = sum(g),  grad_weight = invstd * sum(g * (x - mean))
-    dx = g * k_g + (x - mean) * k_x + k_c  with  k_g = w * invstd and, for batch statistics,
-        k_x = -k_g * invstd^2 * sum(g * (x - mean)) / m,   k_c = -k_g * sum(g) / m
-    (centring x first keeps dx accurate when the mean is large against the spread)
-    (k_x = k_c = 0 for fixed statistics), and the same with the residual's own statistics and
+    dx = g * k_g + (x - mean) * invstd * k_xhat + k_c  with  k_g = w * invstd and, for batch
+        statistics, k_xhat = -k_g * invstd * sum(g * (x - mean)) / m,   k_c = -k_g * sum(g) / m
+    (centring x first keeps dx accurate when the mean is large against the spread, normalising
+    it before the coefficient keeps it for huge values) (k_xhat = k_c = 0 for fixed statistics), and the same with the residual's own statistics and
     weight for the gradient of a BatchNorm'ed residual (a plain residual's gradient is g).
 
 Layouts. An activation is a matrix of M = N*H*W rows by C channels, stored either
@@ -63,7 +65,7 @@ from resnet_fast.ops import acc_dtype_of
 
 __all__ = ["BnActConfig", "pick_config", "forward", "backward"]
 
-# RESIDUAL_MODE of the kernels: r_term = 0, r, or r * r_scale + r_shift.
+# RESIDUAL_MODE of the kernels: r_term = 0, r, or (r - r_mean) * r_scale + r_b.
 NO_RESIDUAL, ADD_RESIDUAL, BN_RESIDUAL = 0, 1, 2
 
 
@@ -155,13 +157,14 @@ def _inv_sqrt(v):
 
 
 @triton.jit
-def _pre_activation(x, r, scale, shift, r_scale, r_shift, RESIDUAL_MODE: tl.constexpr):
-    """x * scale + shift + r_term: the value the ReLU sees."""
-    y = x * scale + shift
+def _pre_activation(x, r, mean, scale, b, r_mean, r_scale, RESIDUAL_MODE: tl.constexpr):
+    """(x - mean) * scale + b + r_term, the value the ReLU sees; b includes the BatchNorm'ed
+    residual's bias (the order of csrc/bn_act_math.h)."""
+    y = (x - mean) * scale + b
     if RESIDUAL_MODE == 1:
         y += r
     elif RESIDUAL_MODE == 2:
-        y += r * r_scale + r_shift
+        y += (r - r_mean) * r_scale
     return y
 
 
@@ -225,14 +228,14 @@ def _bn_channel_stats(src_ptr, running_mean_ptr, running_var_ptr, partials_ptr, 
 
 
 @triton.jit
-def _load_scale_shift(stats_ptr, weight_ptr, bias_ptr, branch, c, c_mask, C):
-    """scale = w * invstd, shift = b - mean * scale from saved (mean, invstd) of a branch."""
+def _load_affine(stats_ptr, weight_ptr, bias_ptr, branch, c, c_mask, C):
+    """(mean, invstd, w, scale = w * invstd, b) of a branch from its saved (mean, invstd)."""
     mean = tl.load(stats_ptr + (2 * branch) * C + c, mask=c_mask, other=0.0)
     invstd = tl.load(stats_ptr + (2 * branch + 1) * C + c, mask=c_mask, other=0.0)
     w = tl.load(weight_ptr + c, mask=c_mask, other=0.0)
     b = tl.load(bias_ptr + c, mask=c_mask, other=0.0)
     scale = w * invstd
-    return mean, invstd, w, scale, b - mean * scale
+    return mean, invstd, w, scale, b
 
 
 # --------------------------------------------------------------------------- kernels
@@ -302,7 +305,7 @@ def bn_act_fwd_apply_kernel(
     TRACK_RUNNING: tl.constexpr, RELU: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PARTIAL_CHUNK: tl.constexpr,
 ):
-    """out = act(x * scale + shift + r_term), statistics finalised in the prologue."""
+    """out = act((x - mean) * scale + b + r_term), statistics finalised in the prologue."""
     pid_r = tl.program_id(0)
     c0 = tl.program_id(1) * BLOCK_C
     acc: tl.constexpr = weight_ptr.dtype.element_ty
@@ -317,9 +320,10 @@ def bn_act_fwd_apply_kernel(
     w = tl.load(weight_ptr + c, mask=c_mask, other=0.0)
     b = tl.load(bias_ptr + c, mask=c_mask, other=0.0)
     scale = _per_channel(w * invstd, CHANNELS_LAST)
-    shift = _per_channel(b - mean * (w * invstd), CHANNELS_LAST)
-    r_scale = scale  # placeholders unless the residual is BatchNorm'ed
-    r_shift = shift
+    mean = _per_channel(mean, CHANNELS_LAST)
+    b = _per_channel(b, CHANNELS_LAST)
+    r_mean = mean  # placeholders unless the residual is BatchNorm'ed
+    r_scale = scale
     if RESIDUAL_MODE == 2:
         r_mean, r_invstd = _bn_channel_stats(
             residual_ptr, residual_running_mean_ptr, residual_running_var_ptr, partials_ptr,
@@ -329,7 +333,8 @@ def bn_act_fwd_apply_kernel(
         rw = tl.load(residual_weight_ptr + c, mask=c_mask, other=0.0)
         rb = tl.load(residual_bias_ptr + c, mask=c_mask, other=0.0)
         r_scale = _per_channel(rw * r_invstd, CHANNELS_LAST)
-        r_shift = _per_channel(rb - r_mean * (rw * r_invstd), CHANNELS_LAST)
+        r_mean = _per_channel(r_mean, CHANNELS_LAST)
+        b += _per_channel(rb, CHANNELS_LAST)
     t_start = pid_r * tiles_per_program
     t_end = tl.minimum(t_start + tiles_per_program, num_row_tiles)
     for t in range(t_start, t_end):
@@ -339,7 +344,7 @@ def bn_act_fwd_apply_kernel(
         r = x  # unused unless there is a residual
         if RESIDUAL_MODE != 0:
             r = tl.load(residual_ptr + base + offs, mask=mask, other=0.0).to(acc)
-        y = _pre_activation(x, r, scale, shift, r_scale, r_shift, RESIDUAL_MODE)
+        y = _pre_activation(x, r, mean, scale, b, r_mean, r_scale, RESIDUAL_MODE)
         if RELU:
             y = relu_keep_nan(y)
         tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -364,20 +369,19 @@ def bn_act_bwd_reduce_kernel(
     LOAD_RESIDUAL: tl.constexpr = RESIDUAL_MODE == 2 or (RELU and RESIDUAL_MODE == 1)
     c = c0 + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    mean, invstd, w, scale, shift = _load_scale_shift(save_stats_ptr, weight_ptr, bias_ptr, 0, c,
-                                                      c_mask, C)
+    mean, invstd, w, scale, b = _load_affine(save_stats_ptr, weight_ptr, bias_ptr, 0, c, c_mask,
+                                             C)
     mean = _per_channel(mean, CHANNELS_LAST)
     scale = _per_channel(scale, CHANNELS_LAST)
-    shift = _per_channel(shift, CHANNELS_LAST)
+    b = _per_channel(b, CHANNELS_LAST)
     r_mean = mean  # placeholders unless the residual is BatchNorm'ed
     r_scale = scale
-    r_shift = shift
     if RESIDUAL_MODE == 2:
-        r_mean, r_invstd, rw, r_scale, r_shift = _load_scale_shift(
+        r_mean, r_invstd, rw, r_scale, r_b = _load_affine(
             save_stats_ptr, residual_weight_ptr, residual_bias_ptr, 1, c, c_mask, C)
         r_mean = _per_channel(r_mean, CHANNELS_LAST)
         r_scale = _per_channel(r_scale, CHANNELS_LAST)
-        r_shift = _per_channel(r_shift, CHANNELS_LAST)
+        b += _per_channel(r_b, CHANNELS_LAST)
     sum_g = _tile_zeros(acc, CHANNELS_LAST, BLOCK_R, BLOCK_C)
     sum_gx = _tile_zeros(acc, CHANNELS_LAST, BLOCK_R, BLOCK_C)
     if RESIDUAL_MODE == 2:
@@ -393,7 +397,7 @@ def bn_act_bwd_reduce_kernel(
         if LOAD_RESIDUAL:
             r = tl.load(residual_ptr + base + offs, mask=mask, other=0.0).to(acc)
         if RELU:
-            pre = _pre_activation(x, r, scale, shift, r_scale, r_shift, RESIDUAL_MODE)
+            pre = _pre_activation(x, r, mean, scale, b, r_mean, r_scale, RESIDUAL_MODE)
             g = tl.where(pre <= 0.0, 0.0, g)  # NaN passes, as threshold_backward
         # masked lanes hold g = 0, so they add nothing
         sum_g += g
@@ -409,17 +413,17 @@ def bn_act_bwd_reduce_kernel(
 
 @triton.jit
 def _bwd_coeffs(sum_g, sum_gc, mean, invstd, w, m, BATCH_STATS: tl.constexpr):
-    """(k_g, k_x, k_c) of dx = g * k_g + (x - mean) * k_x + k_c (bn_backward_coeffs)."""
+    """(k_g, k_xhat, k_c) of dx = g * k_g + xhat * k_xhat + k_c (bn_backward_coeffs)."""
     k_g = w * invstd
     if BATCH_STATS:
         mean_g = sum_g / m
-        mean_gxhat_invstd = sum_gc * invstd * invstd / m
-        k_x = -k_g * mean_gxhat_invstd
+        mean_gxhat = sum_gc * invstd / m
+        k_xhat = -k_g * mean_gxhat
         k_c = -k_g * mean_g
     else:
-        k_x = tl.zeros_like(k_g)
+        k_xhat = tl.zeros_like(k_g)
         k_c = tl.zeros_like(k_g)
-    return k_g, k_x, k_c
+    return k_g, k_xhat, k_c
 
 
 @triton.jit
@@ -427,17 +431,17 @@ def _branch_backward_constants(save_stats_ptr, weight_ptr, bias_ptr, grad_weight
                                grad_bias_ptr, branch, sum_g, sum_gc, m, c, c_mask, store_mask, C,
                                CHANNELS_LAST: tl.constexpr, BATCH_STATS: tl.constexpr):
     """One BatchNorm branch's per-channel backward constants, laid out for the tile:
-    (mean, k_g, k_x, k_c, scale, shift); its weight and bias gradients are stored where
+    (mean, invstd, k_g, k_xhat, k_c, scale, b); its weight and bias gradients are stored where
     store_mask."""
-    mean, invstd, w, scale, shift = _load_scale_shift(save_stats_ptr, weight_ptr, bias_ptr,
-                                                      branch, c, c_mask, C)
+    mean, invstd, w, scale, b = _load_affine(save_stats_ptr, weight_ptr, bias_ptr, branch, c,
+                                             c_mask, C)
     tl.store(grad_weight_ptr + c, sum_gc * invstd, mask=store_mask)
     tl.store(grad_bias_ptr + c, sum_g, mask=store_mask)
-    k_g, k_x, k_c = _bwd_coeffs(sum_g, sum_gc, mean, invstd, w, m, BATCH_STATS)
-    return (_per_channel(mean, CHANNELS_LAST), _per_channel(k_g, CHANNELS_LAST),
-            _per_channel(k_x, CHANNELS_LAST),
+    k_g, k_xhat, k_c = _bwd_coeffs(sum_g, sum_gc, mean, invstd, w, m, BATCH_STATS)
+    return (_per_channel(mean, CHANNELS_LAST), _per_channel(invstd, CHANNELS_LAST),
+            _per_channel(k_g, CHANNELS_LAST), _per_channel(k_xhat, CHANNELS_LAST),
             _per_channel(k_c, CHANNELS_LAST), _per_channel(scale, CHANNELS_LAST),
-            _per_channel(shift, CHANNELS_LAST))
+            _per_channel(b, CHANNELS_LAST))
 
 
 @triton.jit
@@ -469,22 +473,23 @@ def bn_act_bwd_apply_kernel(
                           BLOCK_C)
     sum_gx = _sum_partials(partials_ptr, 1, c, c_mask, C, num_partials, NUM_SUMS, PARTIAL_CHUNK,
                            BLOCK_C)
-    mean, k_g, k_x, k_c, scale, shift = _branch_backward_constants(
+    mean, invstd, k_g, k_xhat, k_c, scale, b = _branch_backward_constants(
         save_stats_ptr, weight_ptr, bias_ptr, grad_weight_ptr, grad_bias_ptr, 0, sum_g, sum_gx,
         m, c, c_mask, store_mask, C, CHANNELS_LAST, BATCH_STATS)
     r_scale = scale  # placeholders unless the residual is BatchNorm'ed
-    r_shift = shift
     r_mean = mean
+    r_invstd = invstd
     rk_g = k_g
-    rk_x = k_x
+    rk_xhat = k_xhat
     rk_c = k_c
     if RESIDUAL_MODE == 2:
         sum_gr = _sum_partials(partials_ptr, 2, c, c_mask, C, num_partials, NUM_SUMS,
                                PARTIAL_CHUNK, BLOCK_C)
-        r_mean, rk_g, rk_x, rk_c, r_scale, r_shift = _branch_backward_constants(
+        r_mean, r_invstd, rk_g, rk_xhat, rk_c, r_scale, r_b = _branch_backward_constants(
             save_stats_ptr, residual_weight_ptr, residual_bias_ptr, grad_residual_weight_ptr,
             grad_residual_bias_ptr, 1, sum_g, sum_gr, m, c, c_mask, store_mask, C,
             CHANNELS_LAST, BATCH_STATS)
+        b += r_b
     t_start = pid_r * tiles_per_program
     t_end = tl.minimum(t_start + tiles_per_program, num_row_tiles)
     for t in range(t_start, t_end):
@@ -498,10 +503,10 @@ def bn_act_bwd_apply_kernel(
         if LOAD_RESIDUAL:
             r = tl.load(residual_ptr + base + offs, mask=mask, other=0.0).to(acc)
         if RELU:
-            pre = _pre_activation(x, r, scale, shift, r_scale, r_shift, RESIDUAL_MODE)
+            pre = _pre_activation(x, r, mean, scale, b, r_mean, r_scale, RESIDUAL_MODE)
             g = tl.where(pre <= 0.0, 0.0, g)  # NaN passes, as threshold_backward
         if BATCH_STATS:
-            dx = g * k_g + (x - mean) * k_x + k_c
+            dx = g * k_g + ((x - mean) * invstd) * k_xhat + k_c
         else:
             dx = g * k_g
         tl.store(grad_input_ptr + base + offs, dx.to(grad_input_ptr.dtype.element_ty), mask=mask)
@@ -510,7 +515,7 @@ def bn_act_bwd_apply_kernel(
                      mask=mask)
         elif RESIDUAL_MODE == 2:
             if BATCH_STATS:
-                dr = g * rk_g + (r - r_mean) * rk_x + rk_c
+                dr = g * rk_g + ((r - r_mean) * r_invstd) * rk_xhat + rk_c
             else:
                 dr = g * rk_g
             tl.store(grad_residual_ptr + base + offs, dr.to(grad_residual_ptr.dtype.element_ty),
