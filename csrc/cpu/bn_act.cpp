@@ -521,7 +521,9 @@ void batch_statistics(const Shape& s, bool cl, const scalar_t* xp, const scalar_
       if (tracks) {
         double r_mean = rm[br]->value().data_ptr<acc_t>()[c];
         double r_var = rv[br]->value().data_ptr<acc_t>()[c];
-        bn_running_update<double>(m, mean, var, momentum, &r_mean, &r_var);
+        // From the variance as saved (acc_t), as the GPU backends and eager update: a variance
+        // past the float range is inf there, and momentum 0 then gives NaN, as in eager.
+        bn_running_update<double>(m, mean, static_cast<acc_t>(var), momentum, &r_mean, &r_var);
         nr[(br * 2) * C + c] = static_cast<acc_t>(r_mean);
         nr[(br * 2 + 1) * C + c] = static_cast<acc_t>(r_var);
       }
