@@ -20,12 +20,17 @@
 //   grad_b = sum(g),  grad_w = sum(g * xhat) = invstd * sum(g * (x - mean)),
 //   batch statistics:  dx = w * invstd * (g - sum(g)/m - xhat * sum(g * xhat)/m)
 //   fixed statistics (eval): dx = w * invstd * g
-// Both are affine in (g, xhat) per channel: dx = g * k_g + xhat * k_xhat + k_c, with xhat
-// formed per element as (x - mean) * invstd; bn_backward_coeffs() gives k_g, k_xhat, k_c so
-// one elementwise pass produces dx (and the BN'ed residual's gradient). Centring x before
-// scaling keeps dx accurate when the channel's mean is large against its spread (x * k_x + k_c'
-// would cancel catastrophically), and normalising before the coefficient keeps it for huge
-// values (|x| ~ 1e30: a single coefficient of (x - mean), ~ invstd^2, would underflow).
+// Both are one elementwise pass once the channel's sums are known:
+//   dx = ((g - mean_g) - xhat * mean_gxhat) * scale,  mean_g = sum(g)/m,
+//   mean_gxhat = sum(g * xhat)/m (both 0 with fixed statistics), scale = w * invstd,
+// with xhat formed per element as (x - mean) * invstd (bn_backward_coeffs() gives mean_g and
+// mean_gxhat), for dx and for the BN'ed residual's gradient. g is centred before it is scaled,
+// as in eager's (dy - mean(dy) - ...) * invstd * w: where xhat is 0 (a constant channel) the
+// gradients of a channel then cancel exactly, as eager's do, and a weight gradient that is 0 by
+// symmetry comes out 0 rather than rounding. Centring x before scaling keeps dx accurate when
+// the channel's mean is large against its spread (x * k_x + k_c would cancel
+// catastrophically), and normalising before the coefficient keeps it for huge values
+// (|x| ~ 1e30: a single coefficient of (x - mean), ~ invstd^2, would underflow).
 //
 // Non-finite values follow eager PyTorch: relu(NaN) is NaN, the gradient passes where the
 // pre-activation is NaN (threshold_backward zeroes it only where the value is <= 0), a channel
@@ -62,13 +67,13 @@ RF_HOST_DEVICE double relu_value(double v) { return v < 0.0 ? 0.0 : v; }
 RF_HOST_DEVICE float relu_grad(float pre, float dy) { return pre <= 0.f ? 0.f : dy; }
 RF_HOST_DEVICE double relu_grad(double pre, double dy) { return pre <= 0.0 ? 0.0 : dy; }
 
-// dx = g * k_g + (x - mean) * invstd * k_xhat + k_c with batch statistics, dx = g * k_g with
-// fixed ones (see bn_backward_coeffs); the fixed form leaves x out, so a non-finite x cannot
-// reach dx.
+// dx = ((g - mean_g) - (x - mean) * invstd * mean_gxhat) * scale with batch statistics,
+// dx = g * scale with fixed ones (see bn_backward_coeffs); the fixed form leaves x out, so a
+// non-finite x cannot reach dx.
 template <typename T>
-RF_HOST_DEVICE T bn_input_grad(bool batch_stats, T g, T x, T mean, T invstd, T k_g, T k_xhat,
-                               T k_c) {
-  return batch_stats ? g * k_g + ((x - mean) * invstd) * k_xhat + k_c : g * k_g;
+RF_HOST_DEVICE T bn_input_grad(bool batch_stats, T g, T x, T mean, T invstd, T scale, T mean_g,
+                               T mean_gxhat) {
+  return batch_stats ? ((g - mean_g) - ((x - mean) * invstd) * mean_gxhat) * scale : g * scale;
 }
 
 // ---------------------------------------------------------------- per channel
@@ -120,23 +125,14 @@ RF_HOST_DEVICE A bn_weight_grad(A sum_gc, A invstd) {
   return sum_gc * invstd;
 }
 
-// Coefficients of dx = g * k_g + xhat * k_xhat + k_c from the channel's sums
-// sum_g = sum(g), sum_gc = sum(g * (x - mean)). With batch statistics the mean and invstd
-// depend on x, which adds the two centring terms; with fixed statistics only k_g remains.
+// The centring terms of dx (see bn_input_grad) from the channel's sums sum_g = sum(g),
+// sum_gc = sum(g * (x - mean)): with batch statistics the mean and invstd depend on x, which
+// adds mean_g = mean(g) and mean_gxhat = mean(g * xhat); with fixed statistics both are 0.
 template <typename A>
-RF_HOST_DEVICE void bn_backward_coeffs(A m, A sum_g, A sum_gc, A mean, A invstd, A w,
-                                       bool batch_stats, A* k_g, A* k_xhat, A* k_c) {
-  const A a = w * invstd;
-  *k_g = a;
-  if (batch_stats) {
-    const A mean_g = sum_g / m;
-    const A mean_gxhat = sum_gc * invstd / m;  // mean(g * xhat)
-    *k_xhat = -a * mean_gxhat;
-    *k_c = -a * mean_g;
-  } else {
-    *k_xhat = A(0);
-    *k_c = A(0);
-  }
+RF_HOST_DEVICE void bn_backward_coeffs(A m, A sum_g, A sum_gc, A invstd, bool batch_stats,
+                                       A* mean_g, A* mean_gxhat) {
+  *mean_g = batch_stats ? sum_g / m : A(0);
+  *mean_gxhat = batch_stats ? sum_gc * invstd / m : A(0);
 }
 
 }  // namespace resnet_fast

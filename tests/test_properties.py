@@ -24,15 +24,16 @@ derandomized (part of ``make test``; the profiles are in ``tests/conftest.py``);
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 
 from resnet_fast import unavailable_reason
-from resnet_fast.verify import ALL_LAYOUTS, OPS, Case, Conv, check_case, run_case
+from resnet_fast.verify import ALL_LAYOUTS, OPS, Case, Conv, check_case, compare, run_case
 
 REJECTIONS = (ValueError, TypeError, RuntimeError, NotImplementedError)
 SPECIAL_VALUES = (math.nan, math.inf, -math.inf, 1e30, -1e30)
@@ -59,18 +60,22 @@ def cases(draw, dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.floa
     if draw(st.integers(0, 3)) == 0:
         where = draw(st.sampled_from(("input", "residual") if has_residual else ("input",)))
         special = (where, draw(st.sampled_from(SPECIAL_VALUES)))
+    spread = draw(st.sampled_from((1.0, 1.0, 0.1, 0.0)))
+    # A constant channel normalised by its batch statistics is exactly 0 before its bias: with
+    # no bias (affine=False) it sits on the ReLU's kink, where the mask is decided by rounding
+    # (eager's float64 BatchNorm of two equal values gives 1.8e-13, the fused kernels 0).
+    affine = draw(st.booleans()) or spread == 0.0
     return Case(op, (N, C, H, W), dtype=draw(st.sampled_from(dtypes)),
                 layout=draw(st.sampled_from(ALL_LAYOUTS)), training=draw(st.booleans()),
-                track_running_stats=draw(st.booleans()), affine=draw(st.booleans()),
+                track_running_stats=draw(st.booleans()), affine=affine,
                 momentum=draw(st.sampled_from((0.1, None, 0.0, 1.0, 0.7))),
                 eps=draw(st.sampled_from((1e-5, 1e-3, 0.5))), conv=conv, special=special,
-                input_offset=draw(st.sampled_from((0.0, 0.0, 10.0, -3.0))),
-                input_spread=draw(st.sampled_from((1.0, 1.0, 0.1, 0.0))))
+                input_offset=draw(st.sampled_from((0.0, 0.0, 10.0, -3.0))), input_spread=spread)
 
 
 def _check_or_rejected(case: Case, backend: str) -> None:
     try:
-        run_case(case, "eager")
+        eager = run_case(case, "eager")
     except REJECTIONS as eager_error:
         with pytest.raises(REJECTIONS) as fused_error:
             run_case(case, "fused", backend)
@@ -89,17 +94,69 @@ def _check_or_rejected(case: Case, backend: str) -> None:
     except REJECTIONS as exc:
         raise AssertionError(f"{case.describe()}: eager runs it, the {backend} backend raises "
                              f"{type(exc).__name__}: {exc}") from exc
+    failing = {k for k in result.errors if not result.errors[k] <= result.bounds[k]}
+    if failing and not _eager_reproducible(case, eager, failing):
+        reject()
+    if failing and case.layout == "strided" and _matches_dense_eager(case, backend):
+        return
+    if failing and all(math.isfinite(result.errors[k]) for k in failing):
+        _check_mean_over_seeds(case, backend, failing)
+        return
     assert result.passed, f"{case.describe()} [{backend}]: " + "; ".join(result.failures())
 
 
-def _triton_float32_sums(case: Case) -> bool:
-    """The triton backend accumulates its statistics in float32 (a GPU's float64 is slow): a
-    huge value (1e30) in a training BatchNorm input overflows the squares, the variance is inf
-    and the channel collapses to its bias, as in eager's contiguous kernel; eager's strided
-    kernel keeps its sums in double and does not."""
-    return (case.special is not None and abs(case.special[1]) == 1e30 and case.training
-            and case.layout == "strided" and case.op != "conv_bn_relu"
-            and (case.special[0] == "input" or OPS[case.op][1]))
+def _eager_reproducible(case: Case, eager: dict, names: set[str], runs: int = 3) -> bool:
+    """Whether eager gives the same ``names`` again on the same inputs. It does not always:
+    torch 2.13's bfloat16 channels_last conv weight gradient on the CPU returns values that
+    change from run to run, inf included, at some shapes (a 3x3 stride-2 conv over a one
+    column input), where the fused op, which passes its conv the layout it computes in,
+    returns the reference's zeros. Such a case has no eager answer to compare with."""
+    for _ in range(runs):
+        again = run_case(case, "eager")
+        if not all(torch.equal(eager[k].nan_to_num(), again[k].nan_to_num()) for k in names):
+            return False
+    return True
+
+
+def _matches_dense_eager(case: Case, backend: str) -> bool:
+    """Whether the fused result on a strided view passes the policy against eager on the same
+    values stored densely. Eager's BatchNorm has two CPU kernels: the dense one accumulates in
+    float, the strided one in double, so where a huge value (1e30) overflows a float square,
+    their NaN and inf differ (the output of the channel collapses to its bias, or a running
+    variance updated with momentum 0 is NaN, in the dense kernel only). The fused ops compute
+    on a dense copy; they follow eager's dense kernel (or are more accurate than it), whichever
+    layout the input came in."""
+    dense = dataclasses.replace(case, layout="contiguous")
+    errors, _, bounds = compare(run_case(case, "reference"), run_case(dense, "eager"),
+                                run_case(case, "fused", backend), case.dtype)
+    return all(errors[k] <= bounds[k] for k in errors)
+
+
+def _check_mean_over_seeds(case: Case, backend: str, names: set[str], seeds: int = 8) -> None:
+    """The policy over several draws of a case, for quantities one draw put past their bound.
+
+    Where a quantity is small against the terms it is summed from (a conv weight gradient
+    under batch statistics, which a BatchNorm's scale invariance makes orthogonal to the
+    weight, and 0 where each output channel has one weight; a few values per channel), what
+    eager and the fused op return is rounding noise, and one draw cannot order two noises: on a
+    1x1 conv 3->1 over 5 values, eager's error exceeds twice the fused one in 7% (float32) and
+    33% (bfloat16) of draws, and the reverse in 12% and 8%, with mean errors 4.1e-7 / 4.8e-7 and
+    1.2e-2 / 0.85e-2. So such a case is drawn again with other seeds and the policy is applied
+    to the mean error: a backward that loses precision still fails it, a lucky eager draw does
+    not. NaN and inf positions are never averaged: they must match in the one draw."""
+    fused = dict.fromkeys(names, 0.0)
+    eager = dict.fromkeys(names, 0.0)
+    floor = dict.fromkeys(names, 0.0)
+    for seed in range(1, seeds + 1):
+        result = check_case(case, backend, seed=seed)
+        for k in names:
+            fused[k] += result.errors[k] / seeds
+            eager[k] += result.eager_errors[k] / seeds
+            floor[k] = max(floor[k], result.bounds[k] - 2 * result.eager_errors[k])
+    for k in names:
+        assert fused[k] <= 2 * eager[k] + floor[k], (
+            f"{case.describe()} [{backend}]: {k}: mean error over {seeds} draws {fused[k]:.3g} "
+            f"> 2 x eager's {eager[k]:.3g} + {floor[k]:.3g}")
 
 
 @given(case=cases())
@@ -113,6 +170,4 @@ def test_triton_backend_matches_eager_or_rejects_like_it(case):
     reason = unavailable_reason("triton", "cpu")
     if reason is not None:
         pytest.skip(f"backend triton cannot run here: {reason}")
-    if _triton_float32_sums(case):
-        return
     _check_or_rejected(case, "triton")

@@ -371,23 +371,25 @@ struct BackwardApply {
   scalar_t* dx;
   scalar_t* dr;
   Affine<kChannelsLast, acc_t> a;
-  ChannelArray<kChannelsLast, acc_t> mean, r_mean, invstd, r_invstd, k_g, k_xhat, k_c, r_k_g,
-      r_k_xhat, r_k_c;
+  // mean_g, mean_gxhat: bn_backward_coeffs per channel (a holds mean and scale = w * invstd)
+  ChannelArray<kChannelsLast, acc_t> invstd, r_invstd, mean_g, mean_gxhat, r_mean_g,
+      r_mean_gxhat;
   bool relu;
   bool batch_stats;
   template <typename T>
   void apply(int64_t e, int64_t j) const {
     T r_value;
     const T g = masked_grad<kMode>(a, dy, x, r, relu, e, j, &r_value);
-    store_as(dx + e, bn_input_grad(batch_stats, g, load_as<T>(x + e), mean.template get<T>(j),
-                                   invstd.template get<T>(j), k_g.template get<T>(j),
-                                   k_xhat.template get<T>(j), k_c.template get<T>(j)));
+    store_as(dx + e, bn_input_grad(batch_stats, g, load_as<T>(x + e), a.mean.template get<T>(j),
+                                   invstd.template get<T>(j), a.scale.template get<T>(j),
+                                   mean_g.template get<T>(j), mean_gxhat.template get<T>(j)));
     if constexpr (kMode == kAddResidual) {
       store_as(dr + e, g);
     } else if constexpr (kMode == kBatchNormResidual) {
-      store_as(dr + e, bn_input_grad(batch_stats, g, r_value, r_mean.template get<T>(j),
-                                     r_invstd.template get<T>(j), r_k_g.template get<T>(j),
-                                     r_k_xhat.template get<T>(j), r_k_c.template get<T>(j)));
+      store_as(dr + e, bn_input_grad(batch_stats, g, r_value, a.r_mean.template get<T>(j),
+                                     r_invstd.template get<T>(j), a.r_scale.template get<T>(j),
+                                     r_mean_g.template get<T>(j),
+                                     r_mean_gxhat.template get<T>(j)));
     }
   }
 };
@@ -655,25 +657,23 @@ bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::T
     });
 
     const acc_t m = static_cast<acc_t>(s.m());
-    std::vector<acc_t> coeffs(static_cast<size_t>(6 * C));  // k_g, k_xhat, k_c, then r_*
+    // mean_g, mean_gxhat, then the residual's
+    std::vector<acc_t> coeffs(static_cast<size_t>(4 * C));
     acc_t* k = coeffs.data();
     std::array<acc_t*, 2> gw = {grad_weight.data_ptr<acc_t>(),
                                 residual_bn ? grad_residual_weight.data_ptr<acc_t>() : nullptr};
     std::array<acc_t*, 2> gb = {grad_bias.data_ptr<acc_t>(),
                                 residual_bn ? grad_residual_bias.data_ptr<acc_t>() : nullptr};
     for (int64_t br = 0; br < B; ++br) {
-      const acc_t* wp = w[br]->data_ptr<acc_t>();
       const double* sum_gc = sums.data() + (1 + br) * C;
       for (int64_t c = 0; c < C; ++c) {
         const acc_t sum_g = static_cast<acc_t>(sums[c]);
         const acc_t gc = static_cast<acc_t>(sum_gc[c]);
-        const acc_t mean = stats[(br * 2) * C + c];
         const acc_t invstd = stats[(br * 2 + 1) * C + c];
         gb[br][c] = sum_g;
         gw[br][c] = bn_weight_grad(gc, invstd);
-        bn_backward_coeffs<acc_t>(m, sum_g, gc, mean, invstd, wp[c], training,
-                                  k + (3 * br) * C + c, k + (3 * br + 1) * C + c,
-                                  k + (3 * br + 2) * C + c);
+        bn_backward_coeffs<acc_t>(m, sum_g, gc, invstd, training, k + (2 * br) * C + c,
+                                  k + (2 * br + 1) * C + c);
       }
     }
 
@@ -683,9 +683,8 @@ bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::T
       constexpr int kMode = decltype(mode_c)::value;
       constexpr bool kCL = decltype(cl_c)::value;
       const BackwardApply<kMode, kCL, acc_t, scalar_t> f{
-          dyp, xp, rp, dxp, drp, as_layout<kCL>(affine_view(aff, C)), {stats}, {stats + 2 * C},
-          {stats + C}, {stats + 3 * C}, {k}, {k + C}, {k + 2 * C}, {k + 3 * C}, {k + 4 * C},
-          {k + 5 * C}, relu, training};
+          dyp, xp, rp, dxp, drp, as_layout<kCL>(affine_view(aff, C)), {stats + C},
+          {stats + 3 * C}, {k}, {k + C}, {k + 2 * C}, {k + 3 * C}, relu, training};
       for_each_element<kCL, acc_t>(s, f);
     });
   });

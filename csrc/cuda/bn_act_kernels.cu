@@ -444,8 +444,9 @@ struct BackwardSumsOp : BackwardOpBase<T, kMode> {
   }
 };
 
-// Backward, elementwise pass: dx = g*k_g + (x - mean)*invstd*k_xhat + k_c, and the residual's
-// gradient (g for a plain add, the same form with its own coefficients when BatchNorm'ed). Its
+// Backward, elementwise pass: dx = ((g - mean_g) - (x - mean)*invstd*mean_gxhat) * scale, and
+// the residual's gradient (g for a plain add, the same form with its own coefficients when
+// BatchNorm'ed). Its
 // prologue writes the weight and bias gradients. Outputs: dx [, dr].
 template <typename T, int kMode>
 struct BackwardApplyOp : BackwardOpBase<T, kMode> {
@@ -455,10 +456,10 @@ struct BackwardApplyOp : BackwardOpBase<T, kMode> {
   using Base::kInputs;
   static constexpr int kOutputs = kMode == kNoResidual ? 1 : 2;
   struct Channel {
-    ChannelAffine<kMode, acc_t> affine;  // its mean; its scale w * invstd is k_g
+    ChannelAffine<kMode, acc_t> affine;  // its mean and scale w * invstd
     acc_t invstd[kBranches];
-    acc_t k_xhat[kBranches];
-    acc_t k_c[kBranches];
+    acc_t mean_g[kBranches];
+    acc_t mean_gxhat[kBranches];
   };
 
   T* output[kOutputs];
@@ -478,9 +479,8 @@ struct BackwardApplyOp : BackwardOpBase<T, kMode> {
       const acc_t w = this->weight[b][c];
       ch.affine.set(b, mean, invstd, w, this->bias[b][c]);
       const acc_t sum_gc = totals[1 + b];
-      acc_t k_g;  // equal to ch.affine.scale[b]
-      bn_backward_coeffs(m, sum_g, sum_gc, mean, invstd, w, batch_stats, &k_g, &ch.k_xhat[b],
-                         &ch.k_c[b]);
+      bn_backward_coeffs(m, sum_g, sum_gc, invstd, batch_stats, &ch.mean_g[b],
+                         &ch.mean_gxhat[b]);
       ch.invstd[b] = invstd;
       if (write_outputs) {
         grad_weight[b][c] = bn_weight_grad(sum_gc, invstd);
@@ -493,12 +493,12 @@ struct BackwardApplyOp : BackwardOpBase<T, kMode> {
                                         acc_t (&out)[kOutputs]) const {
     const acc_t g = this->masked_grad(ch.affine, v);
     out[0] = bn_input_grad(batch_stats, g, v[1], ch.affine.mean[0], ch.invstd[0],
-                           ch.affine.scale[0], ch.k_xhat[0], ch.k_c[0]);
+                           ch.affine.scale[0], ch.mean_g[0], ch.mean_gxhat[0]);
     if constexpr (kMode == kAddResidual) out[kOutputs - 1] = g;
     if constexpr (kMode == kBatchNormResidual) {
       out[kOutputs - 1] =
           bn_input_grad(batch_stats, g, this->residual_of(v), ch.affine.mean[1], ch.invstd[1],
-                        ch.affine.scale[1], ch.k_xhat[1], ch.k_c[1]);
+                        ch.affine.scale[1], ch.mean_g[1], ch.mean_gxhat[1]);
     }
   }
 };

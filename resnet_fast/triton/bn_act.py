@@ -19,11 +19,12 @@ Training also gives nn.BatchNorm2d's running update:
 Backward, with g = dy * [not pre-activation <= 0] (the ReLU mask recomputed from x, r and the saved
 statistics):
     grad_bias = sum(g),  grad_weight = invstd * sum(g * (x - mean))
-    dx = g * k_g + (x - mean) * invstd * k_xhat + k_c  with  k_g = w * invstd and, for batch
-        statistics, k_xhat = -k_g * invstd * sum(g * (x - mean)) / m,   k_c = -k_g * sum(g) / m
-    (centring x first keeps dx accurate when the mean is large against the spread, normalising
-    it before the coefficient keeps it for huge values) (k_xhat = k_c = 0 for fixed statistics), and the same with the residual's own statistics and
-    weight for the gradient of a BatchNorm'ed residual (a plain residual's gradient is g).
+    dx = ((g - mean_g) - (x - mean) * invstd * mean_gxhat) * w * invstd  with, for batch
+        statistics, mean_g = sum(g) / m,  mean_gxhat = invstd * sum(g * (x - mean)) / m
+        (both 0 for fixed statistics), and the same with the residual's own statistics and
+        weight for the gradient of a BatchNorm'ed residual (a plain residual's gradient is g).
+    Centring g and x first keeps dx accurate where a channel is constant or its mean is large
+    against its spread; normalising x before its coefficient keeps it for huge values.
 
 Layouts. An activation is a matrix of M = N*H*W rows by C channels, stored either
 channels_last (element (m, c) at m*C + c: channel innermost) or NCHW (element (n, c, hw) at
@@ -412,18 +413,15 @@ def bn_act_bwd_reduce_kernel(
 
 
 @triton.jit
-def _bwd_coeffs(sum_g, sum_gc, mean, invstd, w, m, BATCH_STATS: tl.constexpr):
-    """(k_g, k_xhat, k_c) of dx = g * k_g + xhat * k_xhat + k_c (bn_backward_coeffs)."""
-    k_g = w * invstd
+def _bwd_coeffs(sum_g, sum_gc, invstd, m, BATCH_STATS: tl.constexpr):
+    """(mean_g, mean_gxhat): the centring terms of dx (bn_backward_coeffs)."""
     if BATCH_STATS:
         mean_g = sum_g / m
         mean_gxhat = sum_gc * invstd / m
-        k_xhat = -k_g * mean_gxhat
-        k_c = -k_g * mean_g
     else:
-        k_xhat = tl.zeros_like(k_g)
-        k_c = tl.zeros_like(k_g)
-    return k_g, k_xhat, k_c
+        mean_g = tl.zeros_like(invstd)
+        mean_gxhat = tl.zeros_like(invstd)
+    return mean_g, mean_gxhat
 
 
 @triton.jit
@@ -431,17 +429,16 @@ def _branch_backward_constants(save_stats_ptr, weight_ptr, bias_ptr, grad_weight
                                grad_bias_ptr, branch, sum_g, sum_gc, m, c, c_mask, store_mask, C,
                                CHANNELS_LAST: tl.constexpr, BATCH_STATS: tl.constexpr):
     """One BatchNorm branch's per-channel backward constants, laid out for the tile:
-    (mean, invstd, k_g, k_xhat, k_c, scale, b); its weight and bias gradients are stored where
+    (mean, invstd, mean_g, mean_gxhat, scale, b); its weight and bias gradients are stored where
     store_mask."""
     mean, invstd, w, scale, b = _load_affine(save_stats_ptr, weight_ptr, bias_ptr, branch, c,
                                              c_mask, C)
     tl.store(grad_weight_ptr + c, sum_gc * invstd, mask=store_mask)
     tl.store(grad_bias_ptr + c, sum_g, mask=store_mask)
-    k_g, k_xhat, k_c = _bwd_coeffs(sum_g, sum_gc, mean, invstd, w, m, BATCH_STATS)
+    mean_g, mean_gxhat = _bwd_coeffs(sum_g, sum_gc, invstd, m, BATCH_STATS)
     return (_per_channel(mean, CHANNELS_LAST), _per_channel(invstd, CHANNELS_LAST),
-            _per_channel(k_g, CHANNELS_LAST), _per_channel(k_xhat, CHANNELS_LAST),
-            _per_channel(k_c, CHANNELS_LAST), _per_channel(scale, CHANNELS_LAST),
-            _per_channel(b, CHANNELS_LAST))
+            _per_channel(mean_g, CHANNELS_LAST), _per_channel(mean_gxhat, CHANNELS_LAST),
+            _per_channel(scale, CHANNELS_LAST), _per_channel(b, CHANNELS_LAST))
 
 
 @triton.jit
@@ -473,19 +470,18 @@ def bn_act_bwd_apply_kernel(
                           BLOCK_C)
     sum_gx = _sum_partials(partials_ptr, 1, c, c_mask, C, num_partials, NUM_SUMS, PARTIAL_CHUNK,
                            BLOCK_C)
-    mean, invstd, k_g, k_xhat, k_c, scale, b = _branch_backward_constants(
+    mean, invstd, mean_g, mean_gxhat, scale, b = _branch_backward_constants(
         save_stats_ptr, weight_ptr, bias_ptr, grad_weight_ptr, grad_bias_ptr, 0, sum_g, sum_gx,
         m, c, c_mask, store_mask, C, CHANNELS_LAST, BATCH_STATS)
     r_scale = scale  # placeholders unless the residual is BatchNorm'ed
     r_mean = mean
     r_invstd = invstd
-    rk_g = k_g
-    rk_xhat = k_xhat
-    rk_c = k_c
+    r_mean_g = mean_g
+    r_mean_gxhat = mean_gxhat
     if RESIDUAL_MODE == 2:
         sum_gr = _sum_partials(partials_ptr, 2, c, c_mask, C, num_partials, NUM_SUMS,
                                PARTIAL_CHUNK, BLOCK_C)
-        r_mean, r_invstd, rk_g, rk_xhat, rk_c, r_scale, r_b = _branch_backward_constants(
+        r_mean, r_invstd, r_mean_g, r_mean_gxhat, r_scale, r_b = _branch_backward_constants(
             save_stats_ptr, residual_weight_ptr, residual_bias_ptr, grad_residual_weight_ptr,
             grad_residual_bias_ptr, 1, sum_g, sum_gr, m, c, c_mask, store_mask, C,
             CHANNELS_LAST, BATCH_STATS)
@@ -506,18 +502,18 @@ def bn_act_bwd_apply_kernel(
             pre = _pre_activation(x, r, mean, scale, b, r_mean, r_scale, RESIDUAL_MODE)
             g = tl.where(pre <= 0.0, 0.0, g)  # NaN passes, as threshold_backward
         if BATCH_STATS:
-            dx = g * k_g + ((x - mean) * invstd) * k_xhat + k_c
+            dx = ((g - mean_g) - ((x - mean) * invstd) * mean_gxhat) * scale
         else:
-            dx = g * k_g
+            dx = g * scale
         tl.store(grad_input_ptr + base + offs, dx.to(grad_input_ptr.dtype.element_ty), mask=mask)
         if RESIDUAL_MODE == 1:
             tl.store(grad_residual_ptr + base + offs, g.to(grad_residual_ptr.dtype.element_ty),
                      mask=mask)
         elif RESIDUAL_MODE == 2:
             if BATCH_STATS:
-                dr = g * rk_g + ((r - r_mean) * r_invstd) * rk_xhat + rk_c
+                dr = ((g - r_mean_g) - ((r - r_mean) * r_invstd) * r_mean_gxhat) * r_scale
             else:
-                dr = g * rk_g
+                dr = g * r_scale
             tl.store(grad_residual_ptr + base + offs, dr.to(grad_residual_ptr.dtype.element_ty),
                      mask=mask)
 
