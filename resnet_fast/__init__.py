@@ -17,6 +17,8 @@ from resnet_fast.functional import (
     conv_bn_relu,
     dual_batch_norm_add_relu,
 )
+from resnet_fast.sync_batchnorm import SyncBatchNorm, SyncBatchNormWarning, \
+    convert_sync_batchnorm
 from resnet_fast.models import (
     BasicBlock,
     Bottleneck,
@@ -46,6 +48,9 @@ __all__ = [
     "DeferredBatchNorm",
     "convert",
     "ConvertWarning",
+    "SyncBatchNorm",
+    "SyncBatchNormWarning",
+    "convert_sync_batchnorm",
     "ResNet",
     "BasicBlock",
     "Bottleneck",

@@ -414,8 +414,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="images/s and memory of whole models: fused, eager, "
                        "torch.compile (--ops: the per-op benchmarks)")
     bench.add_arguments(b, bench.load_bench_model() if bench.wants_bench(argv) else None)
-    t = sub.add_parser("train", help="train a ResNet on the fused ops (digits, fake, or an "
-                       "image folder), optionally beside the eager model")
+    t = sub.add_parser("train", help="train a ResNet on the fused ops (digits, fake, an image "
+                       "folder or CIFAR; in one or several processes), optionally beside the "
+                       "eager model")
     train.add_arguments(t)
     return parser
 

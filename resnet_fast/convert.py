@@ -32,10 +32,11 @@ has no hooks):
   blocks are still fused;
 
 with plain ``nn.Conv2d`` convs (zero padding; a bias is fused too), plain ``nn.BatchNorm2d``
-norms each matching its conv's output channels (BatchNorm before conv, as in a pre-activation
-block, is refused), a plain ``nn.ReLU``, and ``downsample`` either ``None`` or
-``nn.Sequential(conv, BatchNorm2d)``. A class derived from a recognised one that overrides its
-forward is refused: its forward may compute something else.
+or synchronised (``nn.SyncBatchNorm``, :class:`resnet_fast.SyncBatchNorm`) norms each matching
+its conv's output channels (BatchNorm before conv, as in a pre-activation block, is refused), a
+plain ``nn.ReLU``, and ``downsample`` either ``None`` or ``nn.Sequential(conv, BatchNorm2d)``.
+A class derived from a recognised one that overrides its forward is refused: its forward may
+compute something else.
 
 Reported in a :class:`ConvertWarning` (or a ``ValueError`` with ``strict=True``, before anything
 changes), each naming the module and the reason: a module with torchvision's child names that
@@ -58,6 +59,7 @@ from torch import nn
 from resnet_fast import graph_fusion, models, reference
 from resnet_fast.nn import FusedModule, is_fusable_batch_norm, is_fusable_conv, is_relu, \
     validate_backend
+from resnet_fast.sync_batchnorm import adopt_sync_batch_norms, is_fusable_sync_batch_norm
 
 __all__ = ["convert", "ConvertWarning", "eager_batch_norms"]
 
@@ -112,7 +114,7 @@ def _check_conv_bn(conv, bn, conv_name: str, bn_name: str) -> Optional[str]:
     if not is_fusable_conv(conv):
         return (f"{conv_name} is not a plain zero-padded nn.Conv2d without hooks "
                 f"({type(conv).__name__})")
-    if not is_fusable_batch_norm(bn):
+    if not (is_fusable_batch_norm(bn) or is_fusable_sync_batch_norm(bn, convertible=True)):
         return f"{bn_name} is not a plain nn.BatchNorm2d without hooks ({type(bn).__name__})"
     if bn.num_features != conv.out_channels:
         return (f"{bn_name} has {bn.num_features} features but {conv_name} has "
@@ -204,8 +206,10 @@ def convert(model: nn.Module, backend: Optional[str] = None, *, strict: bool = F
     """Fuses ``model`` in place; returns ``model``.
 
     Modules with torchvision's child names that are recognised change class; every other
-    module holding a BatchNorm is fused by dataflow (see the module docstring). Parameters,
-    buffers, hooks and state_dict keys are kept. ``backend`` is used by every fused op
+    module holding a BatchNorm is fused by dataflow (see the module docstring). Every plain
+    ``nn.SyncBatchNorm`` becomes a :class:`resnet_fast.SyncBatchNorm` (same object, its
+    ``process_group`` kept), which runs after its conv with the residual add and ReLU fused.
+    Parameters, buffers, hooks and state_dict keys are kept. ``backend`` is used by every fused op
     (``None``: the default for the input's device), and ``memory_efficient`` set on each
     fused module and plan (see :mod:`resnet_fast.models`). What is not fused, and the modules
     with torchvision's names the class swap refuses, are listed in a :class:`ConvertWarning`
@@ -240,6 +244,7 @@ def convert(model: nn.Module, backend: Optional[str] = None, *, strict: bool = F
     if strict and skipped:
         raise ValueError("convert(strict=True): not fused as asked, nothing changed: "
                          + "; ".join(skipped))
+    adopt_sync_batch_norms(model)
     for module, target in swaps:
         reason = _swap_class(module, target)
         if reason is not None:

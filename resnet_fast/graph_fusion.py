@@ -61,6 +61,7 @@ from resnet_fast import functional, ops
 from resnet_fast.models import _uses_batch_statistics
 from resnet_fast.nn import FusedModule, _has_hooks, conv_bn_act, is_fusable_batch_norm, \
     is_fusable_conv, is_relu
+from resnet_fast.sync_batchnorm import is_fusable_sync_batch_norm
 
 __all__ = ["FusedForward", "GraphPlan", "block_end", "plan"]
 
@@ -99,7 +100,9 @@ def block_end(
     output's shape (an add that broadcasts) is added eagerly after the fused conv + BatchNorm.
     """
     fusable = is_fusable_conv(conv) and is_fusable_batch_norm(bn)
-    shape = _conv_output_shape(input, conv) if fusable else None
+    # A SyncBatchNorm takes the residual into its own fused pass after the conv: same shape.
+    sync = is_fusable_conv(conv) and is_fusable_sync_batch_norm(bn)
+    shape = _conv_output_shape(input, conv) if fusable or sync else None
     if shortcut_conv is None:
         residual = shortcut
     else:
@@ -455,7 +458,7 @@ class _Matcher:
                 self.graph.erase_node(node)
 
     def _pair_refusal(self, node: fx.Node, bn: nn.Module) -> Optional[str]:
-        if not is_fusable_batch_norm(bn):
+        if not (is_fusable_batch_norm(bn) or is_fusable_sync_batch_norm(bn, convertible=True)):
             return f"it is not a plain nn.BatchNorm2d without hooks ({type(bn).__name__})"
         src = _single_input(node)
         conv = None if src is None else self.module(src)
@@ -679,7 +682,9 @@ def plan(model: nn.Module, exclude: tuple[nn.Module, ...] = (),
     covered: set[int] = set()  # Sequentials a planned unit traced through
 
     def visit(name: str, module: nn.Module) -> None:
-        if id(module) in excluded or isinstance(module, FusedModule):
+        # convert() makes a plain nn.SyncBatchNorm a SyncBatchNorm, a fused module.
+        if (id(module) in excluded or isinstance(module, FusedModule)
+                or type(module) is nn.SyncBatchNorm):
             result.fused_batch_norms.update(
                 id(m) for m in module.modules() if isinstance(m, _BatchNorm))
             if isinstance(vars(module).get("forward"), FusedForward):

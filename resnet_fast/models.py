@@ -19,6 +19,10 @@ What each forward fuses (one :func:`resnet_fast.functional.conv_bn_relu` call pe
 
 ``model.train()`` / ``model.eval()`` switch each BatchNorm between batch and running statistics
 as usual; a BatchNorm left in eval inside a training model (frozen) uses its running statistics.
+``norm_layer=nn.SyncBatchNorm`` (or :class:`resnet_fast.SyncBatchNorm`, or a ``functools.partial``
+of either with a ``process_group``) gives synchronised BatchNorms, each a
+:class:`resnet_fast.SyncBatchNorm`: every conv runs as its own op, then its BatchNorm (+ the
+block's residual add) + ReLU as one fused, synchronised pass.
 
 Extra keyword arguments of the builders and ``ResNet``: ``small_input=True`` (3x3 stride-1
 ``conv1`` and no max-pool, for 32x32 images; ``maxpool`` stays as ``nn.Identity`` so the
@@ -41,6 +45,7 @@ from torch import Tensor, nn
 from resnet_fast import functional, reference
 from resnet_fast.nn import FusedModule, check_input, conv_bn_act, is_fusable_batch_norm, \
     is_fusable_conv, is_relu, validate_backend
+from resnet_fast.sync_batchnorm import adopt_sync_batch_norms
 
 __all__ = [
     "ResNet", "BasicBlock", "Bottleneck",
@@ -147,6 +152,7 @@ class ResNet(FusedModule, reference.ResNet):
         super().__init__(block, layers, num_classes, zero_init_residual, groups,
                          width_per_group, replace_stride_with_dilation, norm_layer,
                          small_input=small_input)
+        adopt_sync_batch_norms(self)  # norm_layer=nn.SyncBatchNorm: fused, and DDP on the CPU
         self.set_backend(backend)
         self.set_memory_efficient(memory_efficient)
 

@@ -7,10 +7,11 @@ whole chain as one :func:`resnet_fast.functional.conv_bn_relu` call, with ``nn.B
 own semantics: ``bn.training`` picks batch or running statistics, and the running statistics and
 ``num_batches_tracked`` update in place exactly when the module would update them.
 
-A layer that the fused op cannot express exactly (a conv with a non-zero ``padding_mode``, a
-norm layer that is not a plain ``nn.BatchNorm2d``, an activation other than ReLU, a module with
-forward hooks, which must still fire) runs its modules eagerly instead: never a silent change
-of meaning.
+A :class:`resnet_fast.SyncBatchNorm` runs its own fused op after the conv (see
+:func:`conv_bn_act`). A layer that the fused op cannot express exactly (a conv with a non-zero
+``padding_mode``, another norm layer that is not a plain ``nn.BatchNorm2d``, an activation
+other than ReLU, a module with forward hooks, which must still fire) runs its modules eagerly
+instead: never a silent change of meaning.
 """
 
 from __future__ import annotations
@@ -120,9 +121,17 @@ def conv_bn_act(
     BatchNorm that normalises with batch statistics, the result is itself deferred (only when
     ``act`` is fused or None, and there is no residual). ``recompute`` as in
     :func:`resnet_fast.functional.conv_bn_relu`. Layers the fused op cannot express run their
-    modules eagerly (see the module docstring).
+    modules eagerly (see the module docstring). With a :class:`resnet_fast.SyncBatchNorm`, the
+    conv runs as its own op, then the synchronised BatchNorm, residual and ReLU in one fused
+    pass (:meth:`~resnet_fast.SyncBatchNorm.bn_act`, with the BatchNorm's own backend; nothing
+    is deferred or recomputed).
     """
+    # Imported here: resnet_fast.sync_batchnorm builds on FusedModule, defined below.
+    from resnet_fast.sync_batchnorm import is_fusable_sync_batch_norm
+
     fused_act = act is None or is_relu(act)
+    if fused_act and is_fusable_conv(conv) and is_fusable_sync_batch_norm(bn):
+        return bn.bn_act(conv(_materialize(input)), residual, relu=act is not None)
     if not (is_fusable_conv(conv) and is_fusable_batch_norm(bn)):
         y = bn(conv(_materialize(input)))
         if residual is not None:

@@ -1,8 +1,9 @@
 """Eager definitions of every fused op: the ground truth the kernels are checked against.
 
-Written with ``torch.nn.functional`` only, so each function is exactly what a PyTorch user would
-write by hand. The signatures match :mod:`resnet_fast.functional` (minus ``backend``), so a test
-can call either module with the same arguments. Running statistics are updated in place by
+Written with ``torch.nn.functional`` only (and ``torch.distributed.all_reduce`` for
+:func:`sync_batch_norm`), so each function is exactly what a PyTorch user would write by hand.
+The signatures match :mod:`resnet_fast.functional` (minus ``backend``), so a test can call
+either module with the same arguments. Running statistics are updated in place by
 ``F.batch_norm``, as ``nn.BatchNorm2d`` does.
 
 ``momentum=None`` means a cumulative moving average, as in ``nn.BatchNorm2d``: the factor is
@@ -16,10 +17,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["batch_norm_relu", "batch_norm_add_relu", "dual_batch_norm_add_relu", "conv_bn_relu"]
+__all__ = ["batch_norm_relu", "batch_norm_add_relu", "dual_batch_norm_add_relu", "conv_bn_relu",
+           "sync_batch_norm"]
 
 
 def _momentum_factor(
@@ -170,6 +173,70 @@ def conv_bn_relu(
         y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps,
         num_batches_tracked,
     )
+    if residual is not None:
+        y = y + residual
+    return F.relu(y) if relu else y
+
+
+class _AllReduce(torch.autograd.Function):
+    """The sum of ``tensor`` over the processes of ``group``; the gradient is summed alike
+    (each process's output feeds its own loss, and the input feeds all of them)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        tensor = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(tensor, group=group)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllReduce.apply(grad, ctx.group), None
+
+
+def sync_batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    *,
+    residual: Optional[Tensor] = None,
+    relu: bool = False,
+    num_batches_tracked: Optional[Tensor] = None,
+    process_group=None,
+) -> Tensor:
+    """``act(batch_norm(input) + residual)`` with the batch statistics of every process of
+    ``process_group`` (``None``: the default group), as ``nn.SyncBatchNorm`` computes in
+    training: the ground truth of :class:`resnet_fast.SyncBatchNorm`.
+
+    Plain ops and a differentiable all_reduce (:class:`_AllReduce`, whose backward
+    all-reduces the gradients): one all_reduce of each process's count and per-channel sum
+    gives the global mean, a second one of the per-channel sum of squared deviations from it
+    the (biased) variance; backward runs one for each. ``input`` is ``(N, C, ...)``; the running
+    statistics (when given) are updated in place with the unbiased variance over the global
+    count, and ``num_batches_tracked`` counted, as ``nn.SyncBatchNorm`` does.
+    """
+    dims = [0, *range(2, input.dim())]
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    count = input.new_full((1,), input.numel() // input.shape[1])
+    sums = _AllReduce.apply(torch.cat([count, input.sum(dims)]), process_group)
+    n, mean = sums[0], sums[1:] / sums[0]
+    centered = input - mean.view(shape)
+    var = _AllReduce.apply(centered.square().sum(dims), process_group) / n
+    y = centered * torch.rsqrt(var + eps).view(shape)
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    if running_mean is not None:
+        factor = _momentum_factor(momentum, True, running_mean, num_batches_tracked)
+        with torch.no_grad():
+            running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
+            unbiased = (var * (n / (n - 1))).to(running_var.dtype)
+            running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
     if residual is not None:
         y = y + residual
     return F.relu(y) if relu else y

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from resnet_fast.cli import UsageError
-from resnet_fast.cli.train import CHECKPOINT_FORMAT, load_checkpoint
+from resnet_fast.cli.train_checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 
 
 def _saved(tmp_path, obj) -> str:

@@ -253,9 +253,9 @@ def _reflect_pad_block():
     return b
 
 
-def _sync_bn_block():
+def _group_norm_block():
     b = reference.BasicBlock(8, 8)
-    b.bn2 = nn.SyncBatchNorm(8)
+    b.bn2 = nn.GroupNorm(2, 8)
     return b
 
 
@@ -269,10 +269,10 @@ def _sync_bn_block():
         (_silu_block, r"relu is SiLU"),
         (_hooked_conv_block, r"conv1 is not a plain .*nn.Conv2d without hooks"),
         (_reflect_pad_block, r"conv2 is not a plain zero-padded"),
-        (_sync_bn_block, r"bn2 is not a plain nn.BatchNorm2d .*SyncBatchNorm"),
+        (_group_norm_block, r"bn2 is not a plain nn.BatchNorm2d .*GroupNorm"),
     ],
     ids=["squeeze_excitation", "pre_activation", "overridden_forward", "resnet_d_downsample",
-         "silu", "hooked_conv", "reflect_padding", "sync_batch_norm"],
+         "silu", "hooked_conv", "reflect_padding", "group_norm"],
 )
 def test_unrecognised_blocks_are_left_untouched_and_reported(make, reason):
     torch.manual_seed(0)
