@@ -22,7 +22,7 @@ TOOL_PINS := numpy ninja pybind11 pytest pytest-benchmark hypothesis matplotlib 
 
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: demo test build clean
+.PHONY: demo test mutants build clean
 
 # The main jobs on the embedded defaults: the fused ops on ResNet-50's layer shapes against the
 # float64 reference, a short training run on scikit-learn's digits (fused vs eager), a quick
@@ -34,6 +34,12 @@ demo: .stamp-build
 
 test: .stamp-build
 	$(PY) -m pytest -q
+
+# Mutation check (not part of `make test`): plausible bugs applied one at a time to a scratch
+# copy of the working tree, each of which its focused tests must catch; C++ mutants rebuild
+# the extension there. Writes benchmarks/results/mutants_cpu.json.
+mutants: .stamp-build
+	$(PY) benchmarks/mutants.py
 
 build: .stamp-build
 

@@ -176,11 +176,13 @@ def verify(args) -> int:
             print(f"{case.op:25} {backend:8} {str(case.dtype)[6:]:9} {case.layout:13} "
                   f"{'x'.join(map(str, case.shape)):15} {'train' if case.training else 'eval':5} "
                   f"{q:22} {res.errors[q]:9.2e} {res.eager_errors[q]:9.2e} "
-                  f"{'pass' if ok else 'FAIL':6}{where}", flush=True)
+                  f"{'pass' if ok else 'FAIL':6}{where}"
+                  + (f" (mean of {res.draws} draws)" if res.draws > 1 else ""), flush=True)
             rows.append(dict(op=case.op, backend=backend, dtype=str(case.dtype)[6:],
                              layout=case.layout, shape=list(case.shape),
                              training=case.training, passed=ok, errors=res.errors,
-                             eager_errors=res.eager_errors, bounds=res.bounds))
+                             eager_errors=res.eager_errors, bounds=res.bounds,
+                             draws=res.draws))
             if layer is not None:
                 rows[-1]["layer"] = layer
                 if case.conv is not None and case.op == "conv_bn_relu":

@@ -1,9 +1,16 @@
 """Checking a fused op against the float64 reference, under resnet_fast's tolerance policy.
 
 Tolerance policy: for every compared quantity (the output, the gradient of every input and
-parameter, the updated running statistics), the fused result's largest absolute error against
-the float64 reference may be at most twice the error of eager PyTorch in the same dtype against
-that reference, plus a small floor: ``FLOOR[dtype] * max(1, max|reference|)``.
+parameter, the updated running statistics), the fused result must have eager's shape and dtype
+(and, for the activations, its memory format), and its largest absolute error against the
+float64 reference may be at most twice the error of eager PyTorch in the same dtype against
+that reference, plus a floor of a few units in the last place of the activations' dtype times
+the reference's scale: ``FLOOR[dtype] * max(1, max|reference|)`` (:func:`tolerance`; the 1
+keeps a quantity that is 0 by symmetry, such as a conv bias gradient under batch statistics or
+any input gradient of a channel of two values, from having no floor at all). The running
+statistics get the floor of their own dtype: with bfloat16 activations they are float32,
+computed from the rounded inputs at float32 precision, so a dropped Bessel correction or a
+wrong momentum fails in bfloat16 too.
 
 Non-finite values: NaN, +inf and -inf must appear in exactly the places where eager PyTorch (the
 reference in the case's dtype) puts them, in every quantity; the errors are then taken over the
@@ -28,16 +35,20 @@ from torch import Tensor
 from resnet_fast import functional, reference
 from resnet_fast.ops import acc_dtype_of, conv_output_shape
 
-__all__ = ["FLOOR", "Case", "Conv", "CaseResult", "check_case", "compare", "run_case", "OPS",
-           "CONV_OPS",
-           "LAYOUTS", "ALL_LAYOUTS"]
+__all__ = ["FLOOR", "Case", "Conv", "CaseResult", "check_case", "compare", "compare_over_draws", "summed_terms", "tolerance",
+           "layout_mismatch", "STRIDED_QUANTITIES", "run_case", "OPS", "CONV_OPS", "LAYOUTS", "ALL_LAYOUTS"]
 
-# Relative floor of the tolerance, per dtype (times max(1, max|reference|)).
+# The floor of the tolerance relative to max(1, max|reference|), per dtype: a few units in the
+# last place (4 for float32, 1 for the 16-bit types: float32 and bfloat16 pass every op test
+# with 1), enough for a fused op that sums in another order than eager and too small for an
+# eps in the wrong place, a dropped Bessel correction or a wrong momentum. In float64 eager is
+# the reference itself, so the floor alone bounds the error: 1e-10, room for a whole model's
+# float64 rounding in another order (up to 1e-13 measured) and far below any formula slip.
 FLOOR = {
     torch.float64: 1e-10,
-    torch.float32: 1e-5,
-    torch.float16: 2e-3,
-    torch.bfloat16: 1e-2,
+    torch.float32: 4 * torch.finfo(torch.float32).eps,
+    torch.float16: torch.finfo(torch.float16).eps,
+    torch.bfloat16: torch.finfo(torch.bfloat16).eps,
 }
 
 # name -> (has residual, residual is BatchNorm'ed); conv_bn_relu's residual is its Conv's choice.
@@ -48,6 +59,9 @@ OPS = {
     "conv_bn_relu": (False, False),
 }
 CONV_OPS = ("conv_bn_relu",)  # the ops whose Case carries a Conv
+
+# More draws of a case whose one draw failed on finite errors only (see compare_over_draws).
+REDRAWS = 8
 
 # The layouts every op test runs; strided is a non-dense view into a wider tensor. The
 # property tests add expanded: stride 0 along W (the first column's values, broadcast).
@@ -138,6 +152,10 @@ class CaseResult:
     errors: dict[str, float]  # quantity -> fused max abs error vs float64
     eager_errors: dict[str, float]
     bounds: dict[str, float]
+    # quantity -> how its shape, dtype or strides differ from eager's (its error is then inf)
+    mismatches: dict[str, str] = dataclasses.field(default_factory=dict)
+    # 1, or the draws whose mean errors judged the quantities one draw put past their bound
+    draws: int = 1
 
     @property
     def passed(self) -> bool:
@@ -145,14 +163,22 @@ class CaseResult:
 
     @property
     def worst(self) -> str:
-        """The quantity closest to (or furthest past) its bound."""
-        return max(self.errors, key=lambda k: self.errors[k] / self.bounds[k])
+        """The quantity closest to (or furthest past) its bound (a counter, bound 0, only when
+        it differs)."""
+        def ratio(k: str) -> float:
+            if self.bounds[k] == 0:
+                return 0.0 if self.errors[k] == 0 else math.inf
+            return self.errors[k] / self.bounds[k]
+
+        return max(self.errors, key=ratio)
 
     def failures(self) -> list[str]:
         return [
+            f"{k}: {self.mismatches[k]}" if k in self.mismatches else
             f"{k}: NaN or inf not where eager has them" if self.errors[k] == math.inf else
-            f"{k}: error {self.errors[k]:.3g} > bound {self.bounds[k]:.3g} "
-            f"(eager {self.eager_errors[k]:.3g})"
+            f"{k}: {'mean ' if self.draws > 1 else ''}error {self.errors[k]:.3g} > bound "
+            f"{self.bounds[k]:.3g} (eager {self.eager_errors[k]:.3g}"
+            f"{f', over {self.draws} draws' if self.draws > 1 else ''})"
             for k in self.errors
             if not self.errors[k] <= self.bounds[k]
         ]
@@ -216,11 +242,17 @@ def _master_inputs(case: Case, generator: torch.Generator) -> dict[str, Optional
     return t
 
 
+# The quantities whose memory format must be eager's: the output and the input's gradient,
+# which follow the input's. A parameter's gradient may come in either layout (autograd lays
+# .grad out like the parameter when it accumulates it), and so may the residual's where the two
+# activations' layouts coincide (eager's then follows the output's or the output gradient's).
+STRIDED_QUANTITIES = ("output", "grad_input")
 _GRAD_NAMES = ("input", "residual", "weight", "bias", "residual_weight", "residual_bias",
                "conv_weight", "conv_bias")
 # Tensors in the activations' dtype whatever their rank; other 1-D ones are per-channel.
 _ACTIVATION_DTYPE = ("conv_weight", "conv_bias")
-_STAT_NAMES = ("running_mean", "running_var", "residual_running_mean", "residual_running_var")
+_STAT_NAMES = ("running_mean", "running_var", "num_batches_tracked", "residual_running_mean",
+               "residual_running_var", "residual_num_batches_tracked")
 
 
 def _run(fn: Callable, case: Case, masters: dict, dtype: torch.dtype, device: torch.device,
@@ -308,26 +340,114 @@ def run_case(case: Case, which: str, backend: Optional[str] = None,
 
 
 def check_case(case: Case, backend: Optional[str], device: torch.device | str = "cpu",
-               seed: int = 0) -> CaseResult:
+               seed: int = 0, redraws: int = REDRAWS) -> CaseResult:
     """Runs ``case`` with ``backend`` on ``device`` and compares it with the float64 reference
     and with eager PyTorch in the case's dtype, under the tolerance policy. A quantity whose
-    NaN or inf elements are not where eager has them gets an infinite error."""
-    ref = run_case(case, "reference", seed=seed)
-    eager = run_case(case, "eager", device=device, seed=seed)
-    fused = run_case(case, "fused", backend, device, seed)
-    missing = [name for name in ref if name not in fused]
-    if missing:
-        raise AssertionError(f"{case.describe()}: fused run produced no {', '.join(missing)}")
-    errors, eager_errors, bounds = compare(ref, eager, fused, case.dtype)
-    return CaseResult(case, backend or "default", errors, eager_errors, bounds)
+    shape, dtype or layout differ from eager's, or whose NaN or inf elements are not where
+    eager has them, gets an infinite error. Where finite errors alone put quantities past their
+    bound, the case is drawn ``redraws`` more times (seeds after ``seed``) and those quantities
+    are judged on their mean error (:func:`compare_over_draws`; ``CaseResult.draws`` says
+    how many draws a result averages)."""
+
+    def runs(s: int):
+        ref = run_case(case, "reference", seed=s)
+        eager = run_case(case, "eager", device=device, seed=s)
+        fused = run_case(case, "fused", backend, device, s)
+        missing = [name for name in ref if name not in fused]
+        if missing:
+            raise AssertionError(f"{case.describe()}: fused run produced no "
+                                 f"{', '.join(missing)}")
+        return ref, eager, fused
+
+    ref, eager, fused = runs(seed)
+    errors, eager_errors, bounds = compare(ref, eager, fused, case.dtype, summed_terms(case, ref))
+    mismatches = {name: m for name in ref
+                  if (m := layout_mismatch(fused[name], eager[name],
+                                           name in STRIDED_QUANTITIES)) is not None}
+    failing = [k for k in errors if not errors[k] <= bounds[k]]
+    draws = 1
+    if failing and redraws and all(math.isfinite(errors[k]) for k in failing):
+        mean = compare_over_draws((runs(s) for s in range(seed + 1, seed + 1 + redraws)),
+                                  case.dtype, case)
+        for k in failing:
+            errors[k], eager_errors[k], bounds[k] = (m[k] for m in mean)
+        draws = 1 + redraws
+    return CaseResult(case, backend or "default", errors, eager_errors, bounds, mismatches,
+                      draws)
+
+
+def summed_terms(case: Case, ref: dict[str, Tensor]) -> dict[str, float]:
+    """Quantities of ``case`` summed from terms far larger than themselves: with a huge finite
+    value v (1e30) in a conv's input, the conv weight gradient sums v times the BatchNorm input
+    gradient at that place, about max|grad_input| (~1e-29): terms of ~v * max|grad_input| whose
+    rounding no float32 result escapes (eager's own weight gradient is 0 there only because its
+    input gradient underflows to 0, an error of 100% of the reference's)."""
+    if case.conv is None or case.special is None or case.special[0] != "input":
+        return {}
+    value = abs(case.special[1])
+    if not math.isfinite(value) or "grad_input" not in ref:
+        return {}
+    grad_input = ref["grad_input"][ref["grad_input"].isfinite()]
+    return {"grad_conv_weight": value * (grad_input.abs().max().item() if grad_input.numel()
+                                         else 0.0)}
+
+
+def _memory_format(t: Tensor) -> Optional[str]:
+    """"contiguous" or "channels_last" where ``t`` is dense in exactly one of them; None where
+    it is in both (C = 1 or H = W = 1: the layouts coincide), in neither, or not 4-D."""
+    if t.dim() != 4:
+        return None
+    formats = [name for name, f in (("contiguous", torch.contiguous_format),
+                                    ("channels_last", torch.channels_last))
+               if t.is_contiguous(memory_format=f)]
+    return formats[0] if len(formats) == 1 else None
+
+
+def layout_mismatch(fused: Tensor, eager: Tensor, layout: bool = True) -> Optional[str]:
+    """How ``fused`` differs from ``eager`` in shape, dtype, device type or (with ``layout``)
+    memory format, where eager's has one (see ``_memory_format``); or None."""
+    if fused.shape != eager.shape:
+        return f"shape {tuple(fused.shape)}, eager {tuple(eager.shape)}"
+    if fused.dtype != eager.dtype:
+        return f"dtype {fused.dtype}, eager {eager.dtype}"
+    if fused.device.type != eager.device.type:
+        return f"device {fused.device}, eager {eager.device}"
+    expected = _memory_format(eager)
+    if layout and expected is not None and _memory_format(fused) != expected:
+        return f"strides {fused.stride()}, eager's {eager.stride()} ({expected})"
+    return None
+
+
+def tolerance(reference: Tensor, eager_error: float, dtype: torch.dtype,
+              terms: float = 1.0) -> float:
+    """The policy's bound on the error of a quantity of ``dtype`` whose float64 reference is
+    ``reference`` (its finite elements) and whose eager error is ``eager_error``; ``terms``,
+    where known, is the size of the largest term summed into it, when that exceeds 1."""
+    scale = max(1.0, terms, reference.abs().max().item() if reference.numel() else 0.0)
+    return 2 * eager_error + FLOOR[dtype] * scale
+
+
+def _floor_dtype(name: str, eager: Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype whose floor bounds quantity ``name``: a running statistic's own (float32 with
+    half or bfloat16 activations: it is computed from the rounded inputs at float32 precision),
+    else the activations' ``dtype`` (a gradient passes through a ReLU mask and values decided at
+    the activations' precision), or the quantity's own where that is coarser."""
+    if "running_" in name:
+        return eager.dtype
+    return max((dtype, eager.dtype), key=lambda d: torch.finfo(d).eps)
 
 
 def compare(ref: dict[str, Tensor], eager: dict[str, Tensor], fused: dict[str, Tensor],
-            dtype: torch.dtype) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+            dtype: torch.dtype, terms: Optional[dict[str, float]] = None
+            ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """The tolerance policy over named quantities: (fused errors, eager errors, bounds), each
-    by name, for the float64 reference ``ref`` and the runs ``eager`` and ``fused`` in
-    ``dtype``. A fused quantity passes when its error is at most its bound; one whose NaN or
-    inf elements are not where eager has them gets an infinite error. Integer quantities
+    by name, for the float64 reference ``ref`` and the runs ``eager`` and ``fused`` (activations
+    in ``dtype``; each quantity's floor is that of ``dtype``, of its own dtype for the running
+    statistics, see :func:`tolerance`; ``terms``: the size of the largest term summed into a
+    quantity, by name, where it is known to exceed the result). A fused quantity passes when its error is at most its bound; one whose
+    shape or dtype (or, for :data:`STRIDED_QUANTITIES`, memory format) differ from eager's
+    (:func:`layout_mismatch`), or whose NaN or inf
+    elements are not where eager has them, gets an infinite error. Integer quantities
     (counters) must be equal (error 0, else infinite; bound 0)."""
     errors, eager_errors, bounds = {}, {}, {}
     for name, r in ref.items():
@@ -337,9 +457,39 @@ def compare(ref: dict[str, Tensor], eager: dict[str, Tensor], fused: dict[str, T
             continue
         e_masks, f_masks = _nonfinite_masks(eager[name]), _nonfinite_masks(fused[name])
         finite = r.isfinite() & ~e_masks[0] & ~e_masks[1] & ~e_masks[2]
-        scale = max(1.0, r[finite].abs().max().item() if finite.any() else 0.0)
         eager_errors[name] = _max_error(eager[name], r, finite)
-        bounds[name] = 2 * eager_errors[name] + FLOOR[dtype] * scale
-        same_nonfinite = all(torch.equal(e, f) for e, f in zip(e_masks, f_masks))
-        errors[name] = _max_error(fused[name], r, finite) if same_nonfinite else math.inf
+        bounds[name] = tolerance(r[finite], eager_errors[name],
+                                 _floor_dtype(name, eager[name], dtype),
+                                 (terms or {}).get(name, 1.0))
+        same = (layout_mismatch(fused[name], eager[name], name in STRIDED_QUANTITIES) is None
+                and all(torch.equal(e, f) for e, f in zip(e_masks, f_masks)))
+        errors[name] = _max_error(fused[name], r, finite) if same else math.inf
     return errors, eager_errors, bounds
+
+
+def compare_over_draws(draws, dtype: torch.dtype, case: Optional[Case] = None
+                       ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """The tolerance policy on the mean over several draws of the same case: ``draws`` yields
+    ``(ref, eager, fused)`` runs as :func:`compare` takes them (of ``case``, where given, for
+    its :func:`summed_terms`); returns the mean fused errors, mean eager errors and mean bounds
+    by name.
+
+    Where a quantity is small against the terms it is summed from (a conv weight gradient
+    under batch statistics, which a BatchNorm's scale invariance makes orthogonal to the
+    weight; a model's loss, one number at the end of 50 layers; a channel of a few values),
+    what eager and the fused op return is rounding noise, and one draw cannot order two
+    noises: on a 1x1 conv 3->1 over 5 values eager's error exceeds twice the fused one in 7%
+    (float32) and 33% (bfloat16) of draws, and the reverse in 12% and 8%. Such a quantity is
+    compared on its mean error: a kernel that loses precision still fails, a lucky eager draw
+    does not. A NaN, inf or layout mismatch in any draw makes the mean infinite."""
+    results = [compare(ref, eager, fused, dtype,
+                       None if case is None else summed_terms(case, ref))
+               for ref, eager, fused in draws]
+    if not results:
+        raise ValueError("compare_over_draws needs at least one draw")
+
+    def mean(i: int) -> dict[str, float]:
+        return {k: sum(r[i][k] for r in results) / len(results) for k in results[0][i]}
+
+    return mean(0), mean(1), mean(2)
+

@@ -2,6 +2,12 @@
 
 TRITON_INTERPRET must be set before Triton compiles (decorates) any kernel, so it is set here,
 before resnet_fast is imported by any test module.
+
+Fixtures: ``device``, the device the tests run on (CUDA where torch has it, else the CPU), and
+``backend``, every resnet_fast backend but ``reference`` (the ground truth the others are compared
+with), one parametrisation each. A backend that cannot run on ``device`` is a recorded skip that
+gives ``resnet_fast.unavailable_reason``; tests parametrise ``backend`` themselves (indirectly) to
+run a subset.
 """
 
 import os
@@ -13,7 +19,10 @@ from hypothesis import HealthCheck, settings
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import resnet_fast  # noqa: E402  (after TRITON_INTERPRET is set)
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+FUSED_BACKENDS = tuple(b for b in resnet_fast.BACKENDS if b != "reference")
 
 # Property tests (tests/test_properties.py): "bounded" runs in `make test`, the same cases on
 # every run; "long" (`--hypothesis-profile=long`) draws many more, at random.
@@ -22,6 +31,32 @@ settings.register_profile("bounded", max_examples=150, deadline=None, derandomiz
 settings.register_profile("long", max_examples=5000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("bounded")
+
+
+def require_backend(name: str, device=DEVICE) -> None:
+    """Skips the calling test, saying why, when backend ``name`` cannot run on ``device``."""
+    reason = resnet_fast.unavailable_reason(name, device)
+    if reason is not None:
+        pytest.skip(f"backend {name} cannot run on {torch.device(device)}: {reason}")
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return DEVICE
+
+
+@pytest.fixture(params=FUSED_BACKENDS)
+def backend(request, device) -> str:
+    """A fused backend's name; skipped where it cannot run on ``device``."""
+    require_backend(request.param, device)
+    return request.param
+
+
+@pytest.fixture
+def interpreted(backend, device) -> bool:
+    """Whether ``backend`` runs under Triton's interpreter here (Python per program: slow, so
+    such tests take their smallest shapes)."""
+    return backend == "triton" and device.type == "cpu"
 
 
 @pytest.fixture(scope="module")

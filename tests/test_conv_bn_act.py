@@ -1,8 +1,8 @@
 """Parity of the fused conv + BatchNorm (+ residual) + ReLU op with the reference, on every backend
-that runs on this machine, under the tolerance policy (resnet_fast.verify): output, the gradients
-of input, conv weight and bias, BatchNorm weight and bias and residual, and running statistics.
-Also the one-pass eval path (no autograd), the DeferredBatchNorm hand-off between two convs, and
-autocast."""
+(a recorded skip where one cannot run here), under the tolerance policy (resnet_fast.verify):
+output, the gradients of input, conv weight and bias, BatchNorm weight and bias and residual, and
+running statistics. Also the one-pass eval path (no autograd), the DeferredBatchNorm hand-off
+between two convs, and autocast."""
 
 import copy
 import itertools
@@ -11,15 +11,9 @@ import pickle
 import pytest
 import torch
 
-import resnet_fast
 from resnet_fast import functional, ops, reference
 from resnet_fast.functional import DeferredBatchNorm
-from resnet_fast.verify import FLOOR, LAYOUTS, Case, Conv, check_case
-
-from conftest import DEVICE
-
-BACKENDS = [b for b in resnet_fast.available_backends(DEVICE) if b != "reference"]
-INTERPRETED = DEVICE.type == "cpu"  # Triton runs under its interpreter: tiny shapes only
+from resnet_fast.verify import LAYOUTS, Case, Conv, check_case, tolerance
 
 # (input shape, conv): the kernels, strides, paddings, dilation and groups of the ResNet family,
 # channel counts that are no multiple of any block, batch 1.
@@ -32,6 +26,7 @@ CONVS = [
     ((2, 16, 7, 7), Conv(16, kernel=3, padding=2, dilation=2, relu=False, residual=True)),
     ((2, 64, 5, 5), Conv(64, kernel=3, padding=1, groups=32)),
 ]
+# Triton's interpreter is slow: it gets these only.
 TINY_CONVS = [
     ((2, 3, 5, 5), Conv(5, kernel=3, stride=1, padding=1, bias=True, residual=True)),
     ((1, 4, 6, 6), Conv(6, kernel=3, stride=2, padding=1, groups=2, relu=False)),
@@ -39,32 +34,29 @@ TINY_CONVS = [
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-def _assert_passes(case, backend):
-    result = check_case(case, backend, DEVICE)
+def _assert_passes(case, backend, device):
+    result = check_case(case, backend, device)
     assert result.passed, f"{case.describe()} [{backend}]: " + "; ".join(result.failures())
 
 
-def _convs(backend):
-    return TINY_CONVS if backend == "triton" and INTERPRETED else CONVS
+def _parity_cases(convs):
+    """Every dtype and mode per conv, every layout on the first conv, channels_last on the rest."""
+    for (shape, conv), dtype, training in itertools.product(convs, DTYPES, (True, False)):
+        for layout in LAYOUTS if conv == convs[0] else ("channels_last",):
+            yield Case("conv_bn_relu", shape, dtype, layout, training, conv=conv)
 
 
-def _parity_cases():
-    for backend in BACKENDS:
-        for (shape, conv), dtype, training in itertools.product(
-            _convs(backend), DTYPES, (True, False)
-        ):
-            layouts = LAYOUTS if conv == _convs(backend)[0] else ("channels_last",)
-            for layout in layouts:
-                case = Case("conv_bn_relu", shape, dtype, layout, training, conv=conv)
-                yield pytest.param(case, backend, id=f"{backend}-{case.describe()}")
+PARITY_CASES = list(_parity_cases(CONVS))
+TINY_PARITY_CASES = list(_parity_cases(TINY_CONVS))
 
 
-@pytest.mark.parametrize("case,backend", list(_parity_cases()))
-def test_parity(case, backend):
-    _assert_passes(case, backend)
+@pytest.mark.parametrize("case", PARITY_CASES + TINY_PARITY_CASES, ids=Case.describe)
+def test_parity(case, backend, device, interpreted):
+    if interpreted and case not in TINY_PARITY_CASES:
+        pytest.skip("interpreter: the tiny convs only")
+    _assert_passes(case, backend, device)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "variant",
     [
@@ -78,11 +70,11 @@ def test_parity(case, backend):
     ],
     ids=lambda v: ",".join(f"{k}={v[k]}" for k in v),
 )
-def test_corners(backend, variant):
-    _assert_passes(Case("conv_bn_relu", **variant), backend)
+def test_corners(backend, device, variant):
+    _assert_passes(Case("conv_bn_relu", **variant), backend, device)
 
 
-def _eval_tensors(dtype, layout, residual, seed=0):
+def _eval_tensors(dtype, layout, residual, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 16, 7, 7, generator=g, dtype=torch.float64)
     w = torch.randn(24, 16, 3, 3, generator=g, dtype=torch.float64) / 12
@@ -97,25 +89,23 @@ def _eval_tensors(dtype, layout, residual, seed=0):
     def cast(t, act):
         if t is None:
             return None
-        t = t.to(DEVICE, dtype if act else torch.float32)
+        t = t.to(device, dtype if act else torch.float32)
         return t.contiguous(memory_format=fmt) if act and t.dim() == 4 and t is not w else t
 
-    return cast(x, True), w.to(DEVICE, dtype), cast(cb, True), [cast(t, False) for t in bn], \
+    return cast(x, True), w.to(device, dtype), cast(cb, True), [cast(t, False) for t in bn], \
         cast(r, True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("residual,relu", [(False, True), (True, True), (True, False),
                                            (False, False)])
-def test_eval_without_autograd(backend, dtype, layout, residual, relu):
+def test_eval_without_autograd(backend, device, interpreted, dtype, layout, residual, relu):
     """Inference (no tensor needs a gradient) takes the one-pass path: oneDNN with the
     BatchNorm folded into the weights on the CPU, the conv epilogue on GPU backends."""
-    if backend == "triton" and INTERPRETED and (dtype, layout) != (torch.float32,
-                                                                   "channels_last"):
+    if interpreted and (dtype, layout) != (torch.float32, "channels_last"):
         pytest.skip("interpreter: one dtype and layout")
-    x, w, cb, bn, r = _eval_tensors(dtype, layout, residual)
+    x, w, cb, bn, r = _eval_tensors(dtype, layout, residual, device)
     kwargs = dict(conv_bias=cb, stride=2, padding=1, residual=r, relu=relu)
     with torch.no_grad():
         out = functional.conv_bn_relu(x, w, *bn, False, backend=backend, **kwargs)
@@ -127,17 +117,15 @@ def test_eval_without_autograd(backend, dtype, layout, residual, relu):
     assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last"
                              else torch.contiguous_format)
     err = (out.double() - ref).abs().max().item()
-    bound = 2 * (eager.double() - ref).abs().max().item() + FLOOR[dtype] * max(
-        1.0, ref.abs().max().item())
+    bound = tolerance(ref, (eager.double() - ref).abs().max().item(), dtype)
     assert err <= bound, (err, bound)
 
 
-def test_eval_folds_and_packs_once_per_parameter_version():
+@pytest.mark.parametrize("backend", ["cpu"], indirect=True)
+def test_eval_folds_and_packs_once_per_parameter_version(backend, device):
     """The CPU eval path folds the BatchNorm into the conv and prepacks the weight once, and
     refolds when a parameter or running statistic changes in place."""
-    if "cpu" not in BACKENDS:
-        pytest.skip("needs the cpu backend")
-    x, w, cb, bn, _ = _eval_tensors(torch.float32, "channels_last", False)
+    x, w, cb, bn, _ = _eval_tensors(torch.float32, "channels_last", False, device)
 
     def run():
         with torch.no_grad():
@@ -179,7 +167,7 @@ def _chain(fn, x, p, defer, backend=None):
                  **kwargs)
 
 
-def _chain_params(dtype, C=6, memory_format=torch.channels_last):
+def _chain_params(dtype, device, C=6, memory_format=torch.channels_last):
     g = torch.Generator().manual_seed(1)
     p = {f"w{i}": torch.randn(C, C, 3, 3, generator=g) / 5 for i in (1, 2)}
     for i in (1, 2):
@@ -188,20 +176,19 @@ def _chain_params(dtype, C=6, memory_format=torch.channels_last):
         p[f"rm{i}"] = torch.zeros(C)
         p[f"rv{i}"] = torch.ones(C)
     x = torch.randn(2, C, 5, 5, generator=g) + 0.2
-    p = {k: v.to(DEVICE, dtype if k.startswith("w") else (torch.float64 if dtype == torch.float64
+    p = {k: v.to(device, dtype if k.startswith("w") else (torch.float64 if dtype == torch.float64
                                                           else torch.float32))
          for k, v in p.items()}
-    return x.to(DEVICE, dtype).contiguous(memory_format=memory_format), p
+    return x.to(device, dtype).contiguous(memory_format=memory_format), p
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,memory_format", [
     (torch.float64, torch.channels_last), (torch.float32, torch.channels_last),
     (torch.float32, torch.contiguous_format)])
-def test_deferred_batch_norm_hand_off(backend, dtype, memory_format):
+def test_deferred_batch_norm_hand_off(backend, device, dtype, memory_format):
     """A conv's output deferred with its batch statistics and normalised inside the next conv's
     load gives the eager chain's output, gradients and running statistics."""
-    x, p = _chain_params(dtype, memory_format=memory_format)
+    x, p = _chain_params(dtype, device, memory_format=memory_format)
     x_ref, p_ref = x.clone(), {k: v.clone() for k, v in p.items()}
     leaves = ["w1", "w2", "g1", "b1", "g2", "b2"]
     for t in [x, x_ref] + [d[k] for d in (p, p_ref) for k in leaves]:
@@ -221,17 +208,16 @@ def test_deferred_batch_norm_hand_off(backend, dtype, memory_format):
         torch.testing.assert_close(p[k], p_ref[k], **tol)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_deferred_statistics_of_a_channel_far_from_zero(backend):
+def test_deferred_statistics_of_a_channel_far_from_zero(backend, device):
     """The batch statistics a deferred conv output carries stay accurate when the channel's mean
     (1e3, from the conv bias) is large against its spread (about 1)."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4, 8, 6, 6, generator=g).contiguous(memory_format=torch.channels_last)
     w = torch.randn(8, 8, 3, 3, generator=g) / 8
     bias = torch.full((8,), 1e3)
-    rm, rv = torch.zeros(8, device=DEVICE), torch.ones(8, device=DEVICE)
-    d = functional.conv_bn_relu(x.to(DEVICE), w.to(DEVICE), rm, rv, training=True,
-                                conv_bias=bias.to(DEVICE), padding=1, defer=True,
+    rm, rv = torch.zeros(8, device=device), torch.ones(8, device=device)
+    d = functional.conv_bn_relu(x.to(device), w.to(device), rm, rv, training=True,
+                                conv_bias=bias.to(device), padding=1, defer=True,
                                 backend=backend)
     raw = torch.nn.functional.conv2d(x.double(), w.double(), bias.double(), padding=1)
     var, mean = torch.var_mean(raw, dim=(0, 2, 3), correction=0)
@@ -243,9 +229,8 @@ def test_deferred_statistics_of_a_channel_far_from_zero(backend):
                                atol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_defer_in_eval_returns_the_tensor(backend):
-    x, p = _chain_params(torch.float32)
+def test_defer_in_eval_returns_the_tensor(backend, device):
+    x, p = _chain_params(torch.float32, device)
     out = functional.conv_bn_relu(x, p["w1"], p["rm1"], p["rv1"], p["g1"], p["b1"], False,
                                   padding=1, defer=True, backend=backend)
     assert isinstance(out, torch.Tensor)
@@ -254,20 +239,17 @@ def test_defer_in_eval_returns_the_tensor(backend):
         rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_autocast_bfloat16(backend):
+def test_autocast_bfloat16(backend, device):
     """Under autocast the conv runs in bfloat16 (as F.conv2d does) with float32 BatchNorm
     tensors, and a float32 residual is cast."""
-    if DEVICE.type != "cpu" and backend == "cpu":
-        pytest.skip("cpu backend")
     torch.manual_seed(0)
-    x = torch.randn(2, 8, 6, 6, device=DEVICE)
-    w = torch.randn(8, 8, 3, 3, device=DEVICE) / 8
-    r = torch.randn(2, 8, 6, 6, device=DEVICE)
-    bn = [torch.zeros(8, device=DEVICE), torch.ones(8, device=DEVICE),
-          torch.rand(8, device=DEVICE) + 0.5, torch.randn(8, device=DEVICE)]
+    x = torch.randn(2, 8, 6, 6, device=device)
+    w = torch.randn(8, 8, 3, 3, device=device) / 8
+    r = torch.randn(2, 8, 6, 6, device=device)
+    bn = [torch.zeros(8, device=device), torch.ones(8, device=device),
+          torch.rand(8, device=device) + 0.5, torch.randn(8, device=device)]
     bn_ref = [t.clone() for t in bn]
-    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         y = functional.conv_bn_relu(x, w, *bn, True, padding=1, residual=r, backend=backend)
         expected = reference.conv_bn_relu(x, w, *bn_ref, True, padding=1, residual=r)
     assert y.dtype == torch.bfloat16 and bn[0].dtype == torch.float32
@@ -275,23 +257,22 @@ def test_autocast_bfloat16(backend):
     torch.testing.assert_close(bn[1], bn_ref[1], atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_one_by_one_output_with_channels_last_gradient(backend):
+def test_one_by_one_output_with_channels_last_gradient(backend, device):
     """A conv whose output is 1x1 in space, channels_last tensors and a gradient carrying
     channels_last strides (the last stage of a small-input ResNet)."""
     torch.manual_seed(0)
     cl = torch.channels_last
-    x = torch.randn(2, 8, 2, 2, device=DEVICE).contiguous(memory_format=cl).requires_grad_()
-    w = (torch.randn(8, 8, 3, 3, device=DEVICE) / 8).contiguous(memory_format=cl)
+    x = torch.randn(2, 8, 2, 2, device=device).contiguous(memory_format=cl).requires_grad_()
+    w = (torch.randn(8, 8, 3, 3, device=device) / 8).contiguous(memory_format=cl)
     w.requires_grad_()
-    r = torch.randn(2, 8, 1, 1, device=DEVICE).contiguous(memory_format=cl).requires_grad_()
-    bn = [torch.zeros(8, device=DEVICE), torch.ones(8, device=DEVICE),
-          (torch.rand(8, device=DEVICE) + 0.5).requires_grad_(), None]
+    r = torch.randn(2, 8, 1, 1, device=device).contiguous(memory_format=cl).requires_grad_()
+    bn = [torch.zeros(8, device=device), torch.ones(8, device=device),
+          (torch.rand(8, device=device) + 0.5).requires_grad_(), None]
     kwargs = dict(stride=2, padding=1, residual=r)
     y = functional.conv_bn_relu(x, w, *[t.clone() if t is not None and not t.requires_grad
                                         else t for t in bn], True, backend=backend, **kwargs)
     expected = reference.conv_bn_relu(x, w, *bn, True, **kwargs)
-    grad = torch.randn(y.shape, device=DEVICE).contiguous(memory_format=cl)
+    grad = torch.randn(y.shape, device=device).contiguous(memory_format=cl)
     got = torch.autograd.grad(y, [x, w, r, bn[2]], grad)
     want = torch.autograd.grad(expected, [x, w, r, bn[2]], grad)
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)

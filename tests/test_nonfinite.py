@@ -17,16 +17,10 @@ import torch
 import torch.nn.functional as F
 
 import resnet_fast as rf
-from resnet_fast import models, reference, unavailable_reason
+from resnet_fast import models, reference
 from resnet_fast.verify import OPS, Case, Conv, check_case
 
 SPECIALS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "huge": 1e30}
-
-
-def _require(backend: str) -> None:
-    reason = unavailable_reason(backend, "cpu")
-    if reason is not None:
-        pytest.skip(f"backend {backend} cannot run here: {reason}")
 
 
 def _cases(layouts, specials, dtypes=(torch.float32,)) -> list:
@@ -53,8 +47,8 @@ def _case_params(layouts, specials, dtypes):
                                        f"{str(dtype)[6:]}")
 
 
-def _check(case: Case, backend: str) -> None:
-    result = check_case(case, backend)
+def _check(case: Case, backend: str, device="cpu") -> None:
+    result = check_case(case, backend, device)
     assert result.passed, f"{case.describe()} [{backend}]: " + "; ".join(result.failures())
 
 
@@ -70,16 +64,16 @@ def test_cpu_backend_nonfinite_like_eager_bfloat16(case):
 
 
 # Triton runs under the interpreter here: one value of each kind that took a different path.
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
 @pytest.mark.parametrize("case", _cases(("contiguous", "channels_last"), ("nan", "huge")))
-def test_triton_backend_nonfinite_like_eager(case):
-    _require("triton")
-    _check(case, "triton")
+def test_triton_backend_nonfinite_like_eager(case, backend, device):
+    _check(case, backend, device)
 
 
+@pytest.mark.parametrize("backend", ["cuda"], indirect=True)
 @pytest.mark.parametrize("case", _cases(("channels_last",), ("nan", "inf")))
-def test_cuda_backend_nonfinite_like_eager(case):
-    _require("cuda")
-    _check(case, "cuda")
+def test_cuda_backend_nonfinite_like_eager(case, backend, device):
+    _check(case, backend, device)
 
 
 def test_relu_keeps_nan_from_the_scalar_and_vector_paths():
@@ -121,12 +115,11 @@ def test_model_training_step_with_a_nan_input_is_nan_like_eager(memory_efficient
         assert torch.equal(bufs[name], eager_bufs[name]), name
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("value", ["inf", "nan"])
 @pytest.mark.parametrize("op", sorted(OPS))
-def test_nonfinite_first_element_the_pivot_of_the_sums(op, value, backend):
+def test_nonfinite_first_element_the_pivot_of_the_sums(op, value, backend, device):
     """One channel, one column: the special value lands on element (0, 0, 0, 0), the pivot of
     the channel's shifted sums (for the conv, a 1x1 conv carries it there)."""
-    _require(backend)
     conv = Conv(1, kernel=1, padding=0) if op == "conv_bn_relu" else None
-    _check(Case(op, (2, 1, 3, 1), conv=conv, special=("input", SPECIALS[value])), backend)
+    _check(Case(op, (2, 1, 3, 1), conv=conv, special=("input", SPECIALS[value])), backend,
+           device)

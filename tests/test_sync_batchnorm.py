@@ -43,6 +43,8 @@ import resnet_fast as rf
 from resnet_fast import models, reference, sync_batchnorm
 from resnet_fast.verify import compare
 
+from test_models import randomize_batch_norms
+
 WORLD = 2
 NUM_CLASSES = 5
 SIZE = 8  # input 8x8 with the CIFAR stem: layer4 is 1x1, still 3+ values per channel per rank
@@ -89,15 +91,7 @@ def _data(dtype: torch.dtype, batch: int, seed: int = 0):
 
 def _state(block: str, dtype: torch.dtype, seed: int = 0) -> dict:
     torch.manual_seed(seed)
-    model = _eager_model(block)
-    # Non-trivial affine parameters and running statistics, so every term is exercised.
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
+    model = randomize_batch_norms(_eager_model(block))
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in
             model.state_dict().items()}
 

@@ -361,6 +361,15 @@ def test_pick_config_fills_an_h100():
                 assert dataclasses.asdict(cfg)["num_warps"] == 8
 
 
+def test_pick_config_scales_with_the_device_multiprocessors():
+    """The grid follows the device's SM count (an H200 or H100 has 132, an RTX 4090 128, an
+    A100 108): fewer SMs, fewer programs, each with more rows."""
+    for sms in (16, 108, 132):
+        cfg = bn_act.pick_config(256, 64, 56, 56, True, torch.float32, multiprocessors=sms)
+        programs = cfg.row_programs * cfg.channel_blocks
+        assert 2 * sms <= programs <= 8 * sms, (sms, cfg)
+
+
 if __name__ == "__main__":
     # aot_reports runs this file as a script, without TRITON_INTERPRET: print one JSON line.
     print(json.dumps(aot_report(int(sys.argv[1]))))

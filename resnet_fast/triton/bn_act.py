@@ -520,8 +520,10 @@ def bn_act_bwd_apply_kernel(
 
 # --------------------------------------------------------------------------- launch configuration
 
-# Programs a pass aims for: 4 per SM of an H100 (132 SMs), enough to keep every SM streaming.
-_TARGET_PROGRAMS = 4 * 132
+# Programs a pass aims for per multiprocessor (SM), enough to keep every SM streaming; the
+# device's own SM count is used where there is one, an H100's 132 for ahead-of-time checks.
+_PROGRAMS_PER_SM = 4
+_DEFAULT_SMS = 132
 # Tile side under the interpreter: small, so that tiny shapes cross tile edges and need
 # several row programs (the tests change it to cover other block sizes).
 INTERPRETER_BLOCK = 16
@@ -565,7 +567,7 @@ def _pick_block_hw(HW: int, tile: int) -> int:
 
 
 def pick_config(N: int, C: int, H: int, W: int, channels_last: bool, dtype: torch.dtype,
-                interpreter: bool = False) -> BnActConfig:
+                interpreter: bool = False, multiprocessors: int = _DEFAULT_SMS) -> BnActConfig:
     """The tiling and grid the launchers use for an (N, C, H, W) activation of ``dtype``.
 
     ``channels_last`` is the tensor's layout; NCHW with H*W == 1 is the same memory and is
@@ -573,13 +575,14 @@ def pick_config(N: int, C: int, H: int, W: int, channels_last: bool, dtype: torc
     moves one or two 16-byte vectors per tensor and tile along the contiguous axis, and the
     heaviest kernel (backward with a BatchNorm'ed residual) needs at most 128 registers, so
     several programs share an SM. The rows are split into about
-    _TARGET_PROGRAMS / channel_blocks runs, but at most sqrt(M / 32) of them: every program of
+    _PROGRAMS_PER_SM * multiprocessors / channel_blocks runs, but at most sqrt(M / 32) of them: every program of
     an apply pass re-reduces the partial sums of all runs, which stays a few percent of the
     activation traffic at that bound. Under the interpreter, tiles of INTERPRETER_BLOCK and runs
     of two tiles exercise the masked edges and the partial sums on tiny shapes.
     """
     HW = H * W
     M = N * HW
+    target_programs = _PROGRAMS_PER_SM * multiprocessors
     channels_last = channels_last or HW == 1
     elem = torch.empty((), dtype=dtype).element_size()
     if interpreter:
@@ -601,7 +604,7 @@ def pick_config(N: int, C: int, H: int, W: int, channels_last: bool, dtype: torc
         max_runs = max(1, math.isqrt(M // 32))
         # Narrower channel blocks when the runs alone cannot give enough programs.
         while (block_c > min_block_c and block_c > 1
-               and triton.cdiv(C, block_c) * max_runs < _TARGET_PROGRAMS):
+               and triton.cdiv(C, block_c) * max_runs < target_programs):
             block_c //= 2
         if channels_last:
             block_r = max(1, tile // block_c)
@@ -615,7 +618,7 @@ def pick_config(N: int, C: int, H: int, W: int, channels_last: bool, dtype: torc
     if interpreter:
         tiles_per_program = min(2, num_row_tiles)
     else:
-        runs = min(triton.cdiv(_TARGET_PROGRAMS, channel_blocks), max_runs, num_row_tiles)
+        runs = min(triton.cdiv(target_programs, channel_blocks), max_runs, num_row_tiles)
         tiles_per_program = triton.cdiv(num_row_tiles, runs)
     row_programs = triton.cdiv(num_row_tiles, tiles_per_program)
     if interpreter:
@@ -643,14 +646,26 @@ def _config_of(x: Tensor) -> BnActConfig:
     channels_last = not x.is_contiguous()  # dense: NCHW-contiguous or channels_last
     interpreter = x.device.type == "cpu"
     return _cached_config(N, C, H, W, channels_last, x.dtype, interpreter,
-                          INTERPRETER_BLOCK if interpreter else 0)
+                          INTERPRETER_BLOCK if interpreter else 0,
+                          _multiprocessors(x.device))
+
+
+@functools.lru_cache(maxsize=16)
+def _multiprocessors(device: torch.device) -> int:
+    """The number of SMs of a CUDA device; an H100's for other devices (the interpreter, the
+    ahead-of-time checks)."""
+    if device.type != "cuda":
+        return _DEFAULT_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @functools.lru_cache(maxsize=1024)
-def _cached_config(N, C, H, W, channels_last, dtype, interpreter, _interpreter_block):
+def _cached_config(N, C, H, W, channels_last, dtype, interpreter, _interpreter_block,
+                   multiprocessors):
     """pick_config, memoised per shape (it runs on every call, on the host); the interpreter's
     tile side is part of the key because tests change it."""
-    return pick_config(N, C, H, W, channels_last, dtype, interpreter=interpreter)
+    return pick_config(N, C, H, W, channels_last, dtype, interpreter=interpreter,
+                       multiprocessors=multiprocessors)
 
 
 def _geometry(x: Tensor, cfg: BnActConfig):
