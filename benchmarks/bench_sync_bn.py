@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import socket
 import statistics
 import sys
 from pathlib import Path
@@ -45,6 +44,7 @@ if str(_HERE) not in sys.path:
 
 import resnet_fast as rf  # noqa: E402
 from resnet_fast import models, reference  # noqa: E402
+from resnet_fast.cli.train_dist import free_port
 
 from _common import RESULTS, fmt_cell, versions, write_json  # noqa: E402
 from bench_model import Settings, _step_fn, _time_once  # noqa: E402
@@ -101,11 +101,6 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: dict) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -118,7 +113,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), args, out), nprocs=WORLD)
+        mp.spawn(_worker, args=(free_port(), args, out), nprocs=WORLD)
         times = dict(out)
     best = {case: min(t) for case, t in times.items()}
     rows = [{"case": case, "min_ms": 1e3 * best[case],

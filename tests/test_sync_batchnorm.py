@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import socket
 import time
 import warnings
 
@@ -41,6 +40,7 @@ from torch import nn
 
 import resnet_fast as rf
 from resnet_fast import models, reference, sync_batchnorm
+from resnet_fast.cli.train_dist import free_port
 from resnet_fast.verify import compare
 
 from test_models import randomize_batch_norms
@@ -268,17 +268,12 @@ def _worker(rank: int, port: int, path: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def distributed(tmp_path_factory):
     """What each rank measured (a list by rank), from one spawn of 2 gloo processes."""
     path = tmp_path_factory.mktemp("sync_bn")
-    context = mp.spawn(_worker, args=(_free_port(), str(path)), nprocs=WORLD, join=False)
+    context = mp.spawn(_worker, args=(free_port(), str(path)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     try:  # join() also returns False when one process is done and another is not
         while not context.join(timeout=max(1.0, deadline - time.monotonic())):

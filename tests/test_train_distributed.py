@@ -12,7 +12,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import torch
 import resnet_fast
 from resnet_fast.cli.train import Config
 from resnet_fast.cli.train_data import epoch_batches, steps_per_epoch
+from resnet_fast.cli.train_dist import free_port
 from test_cifar_data import write_cifar
 from test_cli import ROOT, _env, _run
 
@@ -93,18 +93,13 @@ def test_two_processes_then_resume_with_two_only(tmp_path):
         assert "was trained by 2 process(es)" in lines[0] and "--nproc-per-node 2" in lines[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_cifar_in_processes_torchrun_starts(tmp_path):
     root = write_cifar(tmp_path / "cifar", per_file=8)
     out = tmp_path / "run"
     res = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "resnet_fast",
+         "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "resnet_fast",
          "train", "--device", "cpu", "--data", f"cifar10:{root}", "--size", "8", "--batch",
          "4", "--out", str(out)], capture_output=True, text=True, env=_env(), cwd=ROOT,
         timeout=300)

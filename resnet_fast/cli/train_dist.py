@@ -118,7 +118,8 @@ def start(world: int, rank: int, local_rank: int, device: str, timeout_s: float)
     return Dist(world, rank, local_rank, device)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on the loopback address, for a rendezvous on this machine."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -139,7 +140,7 @@ def launch(argv: list[str], nproc: int) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (cores or 1) // nproc)))
     options = torchrun.parse_args([
         "--nnodes", "1", "--nproc-per-node", str(nproc), "--max-restarts", "0",
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
         "-m", "resnet_fast", *argv])
     try:
         torchrun.run(options)
