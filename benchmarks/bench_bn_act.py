@@ -1,14 +1,21 @@
 """Benchmark of the fused BatchNorm + ReLU and BatchNorm + add + ReLU ops.
 
 Providers, all measured in the same run on the same inputs: ``eager`` (F.batch_norm, add, relu
-as separate ops), ``compile`` (torch.compile of that eager code, default mode) and every
-resnet_fast kernel backend available on the device (``cpu``; ``triton``, ``cuda``).
+as separate ops), ``compile`` (torch.compile of that eager code, default mode, compiled afresh
+after ``torch._dynamo.reset()`` for every shape, op and mode; ``recompiles`` counts its
+compilations after the first call) and every resnet_fast kernel backend available on the
+device (``cpu``; ``triton``, ``cuda``).
 
-Shapes: the BatchNorm layers of ResNet-50 (batch 32 at 64x64 input on the CPU, batch 256 at
-224x224 on a GPU) plus one large shape. Modes: ``train`` (forward + backward, the default),
+Shape sets: ``resnet50``, the BatchNorm layers of ResNet-50 (batch 32 at 64x64 input on the
+CPU, batch 256 at 224x224 on a GPU), over which the summary takes its geometric means, and
+``extra``, one large shape ResNet-50 does not have (256 channels at half the input size),
+summarised apart; ``--shapes`` gives a ``custom`` set instead. Modes: ``train`` (forward + backward, the default),
 ``fwd`` (training forward), ``bwd`` (backward only), ``eval`` (forward with running statistics).
 
-Each row gives the median time, GB/s computed from the bytes the fused algorithm must move
+Timing (:mod:`resnet_fast.timing`): per (layout, shape, op, mode) the providers get
+``--warmup`` untimed calls, then ``--reps`` rounds each measuring every provider once (at least
+``--min-run-time`` seconds of calls) in a freshly shuffled order. Each row gives the median
+time over the rounds, GB/s computed from the bytes the fused algorithm must move
 (``bytes_moved``), and the ratio to eager. A ``roofline`` row per shape gives the time those
 bytes take in plain streaming passes measured in the same run: a reduction read
 (``torch.sum``) and an elementwise read + write (``torch.mul(out=)``) of the same tensor, and
@@ -19,9 +26,12 @@ fresh pages, which the OS zeroes on first touch.
 
     python benchmarks/bench_bn_act.py                 # CPU, float32, both layouts
     python benchmarks/bench_bn_act.py --device cuda   # bf16, channels_last, batch 256
+    python benchmarks/bench_bn_act.py --quick --out /tmp/bn   # 3 small shapes: a smoke test
 
 Results: a printed table, and CSV + JSON (+ a PNG plot when matplotlib is installed) under
-``benchmarks/results/``, each row naming the device, dtype, layout, shape and versions.
+``benchmarks/results/`` (``--out``), named ``bn_act_<device>`` (``--tag``); the JSON's
+``provenance`` records the device, versions, commit, command line and timing settings, and every
+row names the device, torch version, commit, dtype, layout, shape set and shape.
 """
 
 from __future__ import annotations
@@ -35,24 +45,14 @@ import torch
 
 import resnet_fast
 from resnet_fast import functional, reference
+from resnet_fast.timing import (compiled, fmt_cell, interleave, provenance, pyplot,
+                                recompiles_of, row_provenance, time_stats, write_csv,
+                                write_json)
 
-from _common import RESULTS, fmt_cell, pyplot, run_name, timer, versions, write_csv, write_json
-
-# (channels, spatial size) of ResNet-50's BatchNorm layers for a 224x224 input; the CPU run uses
-# a 64x64 input, where every size is divided by 224/64 = 3.5.
-RESNET50_BN_224 = [(64, 112), (64, 56), (256, 56), (128, 56), (128, 28), (512, 28), (256, 28),
-                   (256, 14), (1024, 14), (512, 14), (512, 7), (2048, 7)]
+from _common import RESULTS, bn_shape_sets, geomean, run_name
 
 OPS = ("batch_norm_relu", "batch_norm_add_relu")
 MODES = ("train", "fwd", "bwd", "eval")
-
-
-def resnet50_shapes(batch: int, image: int) -> list[tuple[int, int, int, int]]:
-    shapes = []
-    for c, size in RESNET50_BN_224:
-        s = max(1, round(size * image / 224))
-        shapes.append((batch, c, s, s))
-    return shapes
 
 
 # Passes over activation-sized tensors the fused algorithm makes, per op and mode:
@@ -90,7 +90,8 @@ def make_inputs(shape, dtype, memory_format, device, op):
 
 
 def provider_fn(provider: str, op: str):
-    """fn(t, training) -> output, for one provider."""
+    """fn(t, training) -> output, for one provider (``compile``: a fresh
+    :func:`resnet_fast.timing.compiled`, which counts its recompiles)."""
     if provider in ("eager", "compile"):
         ref = getattr(reference, op)
 
@@ -98,7 +99,7 @@ def provider_fn(provider: str, op: str):
             args = (t["x"], t["r"]) if t["r"] is not None else (t["x"],)
             return ref(*args, t["rm"], t["rv"], t["w"], t["b"], training)
 
-        return torch.compile(eager) if provider == "compile" else eager
+        return compiled(eager) if provider == "compile" else eager
     fused = getattr(functional, op)
 
     def run(t, training):
@@ -108,32 +109,34 @@ def provider_fn(provider: str, op: str):
     return run
 
 
-def measure(fn, t, mode, time_it):
+def work(fn, t, mode):
+    """The timed call of one provider in one mode."""
     params = [p for p in (t["x"], t["r"], t["w"], t["b"]) if p is not None]
-    if mode == "eval":
-        with torch.no_grad():
-            return time_it(lambda: fn(t, False))
-    if mode == "fwd":
-        with torch.no_grad():
-            return time_it(lambda: fn(t, True))
+    if mode in ("eval", "fwd"):
+        def forward():
+            with torch.no_grad():
+                return fn(t, mode == "fwd")
+        return forward
     if mode == "bwd":
         y = fn(t, True)
-        return time_it(lambda: torch.autograd.grad(y, params, t["g"], retain_graph=True))
-    return time_it(lambda: torch.autograd.grad(fn(t, True), params, t["g"]))
+        return lambda: torch.autograd.grad(y, params, t["g"], retain_graph=True)
+    return lambda: torch.autograd.grad(fn(t, True), params, t["g"])
 
 
-def streaming_times(x: torch.Tensor, time_it) -> dict[str, float]:
+def streaming_times(x: torch.Tensor, timing: dict) -> dict[str, float]:
     """Medians of a reduction read and an elementwise read + write of ``x``, into a preallocated
-    and into a fresh output (and a copy on CUDA)."""
+    and into a fresh output (and a copy on CUDA), interleaved."""
     out = torch.empty_like(x)
-    res = {
-        "read": statistics.median(time_it(lambda: torch.sum(x))),
-        "read_write": statistics.median(time_it(lambda: torch.mul(x, 2.0, out=out))),
-        "read_write_fresh": statistics.median(time_it(lambda: torch.mul(x, 2.0))),
-    }
+    passes = {"read": lambda: torch.sum(x),
+              "read_write": lambda: torch.mul(x, 2.0, out=out),
+              "read_write_fresh": lambda: torch.mul(x, 2.0)}
     if x.device.type == "cuda":
-        res["copy"] = statistics.median(time_it(lambda: out.copy_(x)))
-    return res
+        passes["copy"] = lambda: out.copy_(x)
+    return {k: statistics.median(v) for k, v in interleave(passes, **timing).items()}
+
+
+QUICK = dict(shapes="8x64x16x16;8x256x8x8;8x512x4x4", layouts="channels_last", reps=3,
+             min_run_time=0.01)
 
 
 def main(argv=None) -> int:
@@ -150,7 +153,15 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--image", type=int, default=None, help="input image size the shapes follow")
     p.add_argument("--shapes", default=None, help="e.g. 32x256x32x32;8x64x16x16 (overrides)")
-    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--reps", type=int, default=None,
+                   help="rounds, each measuring every provider once (default: 7 CPU, 20 CUDA)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed calls per provider first (default: 3 CPU, 10 CUDA)")
+    p.add_argument("--min-run-time", type=float, default=None,
+                   help="seconds each measurement runs at least (default: 0.05 CPU, 0.1 CUDA)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"shapes {QUICK['shapes']}, channels_last, {QUICK['reps']} rounds, no "
+                        "torch.compile: a smoke test")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default=None, help="file name suffix (default: device kind)")
     args = p.parse_args(argv)
@@ -160,79 +171,93 @@ def main(argv=None) -> int:
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
     gpu = device.type == "cuda"
+    quick = QUICK if args.quick else {}
     dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
-    layouts = (args.layouts or ("channels_last" if gpu else "channels_last,contiguous")).split(",")
+    layouts = (args.layouts or quick.get("layouts")
+               or ("channels_last" if gpu else "channels_last,contiguous")).split(",")
     batch = args.batch or (256 if gpu else 32)
     image = args.image or (224 if gpu else 64)
-    if args.shapes:
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(";")]
-    else:
-        shapes = resnet50_shapes(batch, image) + [(batch, 256, image // 2, image // 2)]
+    spec = args.shapes or quick.get("shapes")
+    sets = ({"custom": [tuple(int(v) for v in s.split("x")) for s in spec.split(";")]} if spec
+            else bn_shape_sets(batch, image))
     backends = [b for b in resnet_fast.available_backends(device) if b != "reference"]
-    providers = (args.providers or ",".join(["eager", "compile", *backends])).split(",")
-    reps = args.reps or (50 if gpu else 7)
-    time_it = timer(device, warmup=3 if not gpu else 10, reps=reps)
-    info = versions(device)
+    if args.quick:  # neither torch.compile (its compilations take minutes) nor Triton's interpreter
+        backends = [b for b in backends if gpu or b != "triton"]
+    default = ["eager", *backends] if args.quick else ["eager", "compile", *backends]
+    providers = args.providers.split(",") if args.providers else default
+    reps = args.reps or quick.get("reps") or (20 if gpu else 7)
+    warmup = args.warmup if args.warmup is not None else (10 if gpu else 3)
+    min_run_time = args.min_run_time if args.min_run_time is not None else (
+        quick.get("min_run_time") or (0.1 if gpu else 0.05))
+    timing = dict(rounds=reps, device=device, warmup=warmup, min_run_time=min_run_time)
+    prov = provenance(device, warmup, reps, min_run_time=min_run_time)
     elem = torch.empty((), dtype=dtype).element_size()
 
     rows = []
     for layout in layouts:
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-        for shape in shapes:
-            numel = shape[0] * shape[1] * shape[2] * shape[3]
-            stream = streaming_times(
-                torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt),
-                time_it)
-            for op in args.ops.split(","):
-                t = make_inputs(shape, dtype, fmt, device, op)
-                for mode in args.modes.split(","):
-                    n_red, n_read, n_write = passes(op, mode)
-                    moved = (n_red + n_read + n_write) * numel * elem
-                    bound, bound_fresh = (
-                        n_red * stream["read"] + n_write * stream[rw] + (n_read - n_write)
-                        * stream["read"] for rw in ("read_write", "read_write_fresh"))
-                    measured = {}
-                    for provider in providers:
-                        times = measure(provider_fn(provider, op), t, mode, time_it)
-                        measured[provider] = times
-                    eager = statistics.median(measured["eager"]) if "eager" in measured else None
-                    base = dict(device=info["device_name"], dtype=str(dtype).replace("torch.", ""),
-                                layout=layout, shape="x".join(map(str, shape)), op=op, mode=mode,
-                                bytes_moved=moved, **{k: v for k, v in info.items()
-                                                      if k != "device_name"})
-                    for provider, times in measured.items():
-                        med = statistics.median(times)
-                        rows.append(dict(base, provider=provider, median_ms=med * 1e3,
-                                         min_ms=min(times) * 1e3, max_ms=max(times) * 1e3,
-                                         gbps=moved / med / 1e9,
-                                         vs_eager=(eager / med) if eager else None,
-                                         vs_roofline=med / bound,
-                                         vs_roofline_fresh=med / bound_fresh))
-                    for name, t_bound in (("roofline", bound), ("roofline_fresh", bound_fresh)):
-                        rows.append(dict(base, provider=name, median_ms=t_bound * 1e3,
-                                         min_ms=None, max_ms=None, gbps=moved / t_bound / 1e9,
-                                         vs_eager=(eager / t_bound) if eager else None,
-                                         vs_roofline=t_bound / bound,
-                                         vs_roofline_fresh=t_bound / bound_fresh))
-                    if gpu and "copy" in stream:
-                        copy_gbps = 2 * numel * elem / stream["copy"] / 1e9
-                        rows.append(dict(base, provider="copy", median_ms=moved / copy_gbps / 1e6,
-                                         min_ms=None, max_ms=None, gbps=copy_gbps,
-                                         vs_eager=None, vs_roofline=None,
-                                         vs_roofline_fresh=None))
-                    print_rows(rows[-(len(measured) + 2 + (1 if gpu else 0)):],
-                               header=len(rows) <= len(measured) + 3 + gpu)
+        for shape_set, shapes in sets.items():
+            for shape in shapes:
+                numel = shape[0] * shape[1] * shape[2] * shape[3]
+                stream = streaming_times(
+                    torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt),
+                    timing)
+                for op in args.ops.split(","):
+                    t = make_inputs(shape, dtype, fmt, device, op)
+                    for mode in args.modes.split(","):
+                        new = measure_case(t, op, mode, providers, stream, numel * elem, timing,
+                                           dict(row_provenance(prov),
+                                                dtype=str(dtype).replace("torch.", ""),
+                                                layout=layout, shape_set=shape_set,
+                                                shape="x".join(map(str, shape)), op=op,
+                                                mode=mode))
+                        print_rows(new, header=not rows)
+                        rows += new
 
-    write_results(rows, Path(args.out), run_name(args.tag, device), info)
+    write_results(rows, Path(args.out), run_name(args.tag, device), prov)
     return 0
 
 
+def measure_case(t, op, mode, providers, stream, tensor_bytes, timing, base) -> list[dict]:
+    """The rows of one (layout, shape, op, mode): every provider, interleaved, and the rooflines
+    (and on CUDA the copy bandwidth) of the bytes the fused algorithm must move."""
+    n_red, n_read, n_write = passes(op, mode)
+    moved = (n_red + n_read + n_write) * tensor_bytes
+    bound, bound_fresh = (n_red * stream["read"] + n_write * stream[rw]
+                          + (n_read - n_write) * stream["read"]
+                          for rw in ("read_write", "read_write_fresh"))
+    fns = {provider: provider_fn(provider, op) for provider in providers}
+    measured = interleave({q: work(fn, t, mode) for q, fn in fns.items()}, **timing)
+    eager = statistics.median(measured["eager"]) if "eager" in measured else None
+    base = dict(base, bytes_moved=moved)
+    rows = []
+    for provider, times in measured.items():
+        stats = time_stats(times)
+        med = stats["median_ms"] / 1e3
+        rows.append(dict(base, provider=provider, **stats, gbps=moved / med / 1e9,
+                         vs_eager=(eager / med) if eager else None,
+                         vs_roofline=med / bound, vs_roofline_fresh=med / bound_fresh,
+                         recompiles=recompiles_of(fns[provider])))
+    for name, t_bound in (("roofline", bound), ("roofline_fresh", bound_fresh)):
+        rows.append(dict(base, provider=name, median_ms=t_bound * 1e3, min_ms=None, max_ms=None,
+                         reps=None, gbps=moved / t_bound / 1e9,
+                         vs_eager=(eager / t_bound) if eager else None,
+                         vs_roofline=t_bound / bound, vs_roofline_fresh=t_bound / bound_fresh,
+                         recompiles=None))
+    if "copy" in stream:
+        copy_gbps = 2 * tensor_bytes / stream["copy"] / 1e9
+        rows.append(dict(base, provider="copy", median_ms=moved / copy_gbps / 1e6, min_ms=None,
+                         max_ms=None, reps=None, gbps=copy_gbps, vs_eager=None,
+                         vs_roofline=None, vs_roofline_fresh=None, recompiles=None))
+    return rows
+
+
 COLUMNS = ("layout", "shape", "op", "mode", "provider", "median_ms", "gbps", "vs_eager",
-           "vs_roofline", "vs_roofline_fresh")
+           "vs_roofline", "vs_roofline_fresh", "recompiles")
 
 
 def print_rows(rows, header=False):
-    widths = (13, 16, 19, 5, 14, 10, 8, 8, 11, 17)
+    widths = (13, 16, 19, 5, 14, 10, 8, 8, 11, 17, 10)
     if header:
         print(" ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)))
     for row in rows:
@@ -240,41 +265,46 @@ def print_rows(rows, header=False):
 
 
 def summarize(rows) -> list[dict]:
-    """Per (layout, op, mode, provider): geometric mean of vs_eager over shapes, the worst
-    shape's vs_eager, and the worst ratios to the two rooflines."""
+    """Per (shape set, layout, op, mode, provider): geometric mean of vs_eager over the set's
+    shapes, the worst shape's vs_eager, the worst ratios to the two rooflines and the most
+    recompiles (``torch.compile``)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["provider"] in ("roofline", "roofline_fresh", "copy", "eager"):
             continue
-        groups.setdefault((r["layout"], r["op"], r["mode"], r["provider"]), []).append(r)
+        key = (r["shape_set"], r["layout"], r["op"], r["mode"], r["provider"])
+        groups.setdefault(key, []).append(r)
     out = []
-    for (layout, op, mode, provider), rs in groups.items():
+    for (shape_set, layout, op, mode, provider), rs in groups.items():
         ratios = [r["vs_eager"] for r in rs]
-        geo = float(torch.tensor(ratios).log().mean().exp())
-        out.append(dict(layout=layout, op=op, mode=mode, provider=provider,
-                        geomean_vs_eager=geo, min_vs_eager=min(ratios),
+        recompiles = [r["recompiles"] for r in rs if r["recompiles"] is not None]
+        out.append(dict(shape_set=shape_set, shapes=len(rs), layout=layout, op=op, mode=mode,
+                        provider=provider, geomean_vs_eager=geomean(ratios),
+                        min_vs_eager=min(ratios),
                         max_vs_roofline=max(r["vs_roofline"] for r in rs),
-                        max_vs_roofline_fresh=max(r["vs_roofline_fresh"] for r in rs)))
+                        max_vs_roofline_fresh=max(r["vs_roofline_fresh"] for r in rs),
+                        max_recompiles=max(recompiles) if recompiles else None))
     return out
 
 
-def write_results(rows, out: Path, tag: str, info: dict) -> None:
+def write_results(rows, out: Path, tag: str, prov: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"bn_act_{tag}"
     write_csv(stem.with_suffix(".csv"), rows)
     summary = summarize(rows)
-    write_json(stem.with_suffix(".json"), {"versions": info, "summary": summary, "rows": rows})
-    print("\nsummary (geometric mean over shapes of the speed-up vs eager; worst shape; worst "
-          "time / roofline, and / roofline with fresh outputs)")
+    write_json(stem.with_suffix(".json"), prov, {"summary": summary, "rows": rows})
+    print("\nsummary per shape set (geometric mean over its shapes of the speed-up vs eager; "
+          "worst shape; worst time / roofline, and / roofline with fresh outputs)")
     for s in summary:
-        print(f"  {s['layout']:13} {s['op']:19} {s['mode']:5} {s['provider']:8} "
-              f"geomean {s['geomean_vs_eager']:.2f}x  min {s['min_vs_eager']:.2f}x  "
-              f"roofline {s['max_vs_roofline']:.2f}x  fresh {s['max_vs_roofline_fresh']:.2f}x")
-    plot(rows, stem.with_suffix(".png"), info)
+        print(f"  {s['shape_set']:8} {s['layout']:13} {s['op']:19} {s['mode']:5} "
+              f"{s['provider']:8} geomean {s['geomean_vs_eager']:.2f}x  "
+              f"min {s['min_vs_eager']:.2f}x  roofline {s['max_vs_roofline']:.2f}x  "
+              f"fresh {s['max_vs_roofline_fresh']:.2f}x")
+    plot(rows, stem.with_suffix(".png"), prov)
     print(f"\nwrote {stem}.csv, .json" + (", .png" if stem.with_suffix('.png').exists() else ""))
 
 
-def plot(rows, path: Path, info: dict) -> None:
+def plot(rows, path: Path, prov: dict) -> None:
     plt = pyplot()
     if plt is None:
         return
@@ -294,7 +324,7 @@ def plot(rows, path: Path, info: dict) -> None:
         ax.set_xticks(range(len(shapes)))
         ax.set_xticklabels(shapes, rotation=30, ha="right", fontsize=7)
         ax.set_ylabel("speed-up vs eager")
-        ax.set_title(f"{op} {mode} {layout} {sel[0]['dtype']} on {info['device_name']}",
+        ax.set_title(f"{op} {mode} {layout} {sel[0]['dtype']} on {prov['device']}",
                      fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()

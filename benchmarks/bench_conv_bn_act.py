@@ -20,8 +20,8 @@ Providers, all measured in the same run on the same input values:
                  default on the CPU, where the targets compare against it;
 ``compile``      ``torch.compile`` (default mode) of the eager function, compiled once per
                  (layer, mode) after ``torch._dynamo.reset()``; the compiling first call is
-                 outside the timing (its wall time is the row's ``first_call_s``), and a
-                 recompilation during the timed calls is reported;
+                 outside the timing (its wall time is the row's ``first_call_s``), and
+                 ``recompiles`` counts its compilations after that call;
 ``conv_only``    ``F.conv2d`` alone (with its backward in training): the cost of the conv that
                  the fused layer must hide its BatchNorm, add and ReLU behind; measured by
                  default on CUDA, where the eval target is fused time <= conv alone;
@@ -52,16 +52,21 @@ Modes (``--modes``):
                    ``DeferredBatchNorm`` (the previous conv's output ``raw_prev``, its batch
                    statistics, that BatchNorm's weight and bias; normalised + ReLU'd as the conv
                    loads it) + its backward, with the gradients of ``train`` plus those of
-                   ``raw_prev`` and the previous BatchNorm's weight and bias. The batch
-                   statistics of ``raw_prev`` are computed once before timing: in the model the
-                   previous layer computes them (in its conv's epilogue on ``triton``/``cuda``,
-                   with a separate reduction on ``cpu``) and that cost is not in this row.
-                   Timed for eager/compile: ``relu(batch_norm(raw_prev))`` of the previous layer
-                   (batch statistics, running statistics updated) followed by this layer's
-                   conv + BatchNorm (+ add) + ReLU, forward + backward, the same gradients.
+                   ``raw_prev`` and the previous BatchNorm's weight and bias. Every provider
+                   does the previous BatchNorm's whole work inside its timing, as the models
+                   run: eager/compile time ``relu(batch_norm(raw_prev))`` (batch statistics,
+                   running statistics updated) followed by this layer's conv + BatchNorm
+                   (+ add) + ReLU, forward + backward, the same gradients; resnet_fast computes
+                   the batch statistics of ``raw_prev`` inside its timed call too: on ``cpu``
+                   with the statistics kernel the model runs after the previous conv (running
+                   statistics updated); on ``triton``/``cuda``, whose previous conv computes
+                   them in its epilogue, with a separate reduction the model does not make
+                   (these rows are pessimistic by that pass).
 
-Every row gives median/min/max ms over ``--repeat`` timed calls (after warm-up calls) and the
-speed-ups ``vs_eager``, ``vs_best_eager`` (faster eager layout), ``vs_compile``,
+Timing (:mod:`resnet_fast.timing`): per (layer, mode), each provider's first call (untimed:
+compilation, weight packing) and ``--warmup`` more, then ``--repeat`` rounds, each measuring
+every provider once (at least ``--min-run-time`` seconds of calls) in a freshly shuffled order.
+Every row gives median/min/max ms over the rounds and the speed-ups ``vs_eager``, ``vs_best_eager`` (faster eager layout), ``vs_compile``,
 ``vs_best_baseline`` (fastest of the eager layouts and compile) and ``vs_conv_only``, each the
 baseline's median time over the row's (> 1: the row is faster), and ``max_rel_err``, how far
 the provider's output (of its first call) is from eager's, relative to eager's largest value; a
@@ -86,8 +91,9 @@ training judged both on ``train (model)`` and on ``train``.
 
 Results: the printed table and summary, and CSV + JSON (+ a PNG bar plot of the speed-up vs
 eager per layer when matplotlib is installed) in ``benchmarks/results/`` (``--out``), named
-``conv_bn_act_<device>`` (``--tag``), each row naming the device, dtype, layout, shapes and
-versions. On CUDA, ``torch.backends.cudnn.benchmark`` is on (as ResNet training scripts set it).
+``conv_bn_act_<device>`` (``--tag``); the JSON's ``provenance`` records the device, versions,
+commit, command line and timing settings, and each row names the device, torch version,
+commit, dtype, layout and shapes. On CUDA, ``torch.backends.cudnn.benchmark`` is on (as ResNet training scripts set it).
 """
 
 from __future__ import annotations
@@ -107,9 +113,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import resnet_fast
-from resnet_fast import functional, ops, reference
+from resnet_fast import functional, reference
+from resnet_fast._conventions import acc_dtype_of, conv_output_shape
+from resnet_fast.timing import (compiled, error_text, fmt_cell, interleave, provenance, pyplot,
+                                recompiles_of, row_provenance, synchronize, time_stats,
+                                write_csv, write_json)
 
-from _common import RESULTS, fmt_cell, pyplot, run_name, timer, versions, write_csv, write_json
+from _common import RESULTS, geomean, run_name
 
 EPS = 1e-5
 MODES = ("eval", "train", "train_deferred")
@@ -135,14 +145,15 @@ class Layer:
     residual: bool = False
     deferred: bool = False  # not the first conv of its block: trained with a deferred input
     count: int = 1
+    dilation: int = 1
 
     @property
     def padding(self) -> int:
-        return self.kernel // 2
+        return self.dilation * (self.kernel // 2)
 
     @property
     def out_size(self) -> int:
-        return conv_out(self.size, self.kernel, self.stride, self.padding)
+        return out_side(self.size, self.kernel, self.stride, self.padding, self.dilation)
 
     def in_shape(self, batch: int) -> tuple[int, int, int, int]:
         return batch, self.cin, self.size, self.size
@@ -157,8 +168,10 @@ class Layer:
         return s + (" +add" if self.residual else "") + ("" if self.relu else " norelu")
 
 
-def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
+def out_side(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
+    """Output height of a square conv (or pooling window) on a square input."""
+    return conv_output_shape((1, 1, size, size), (1, 1, kernel, kernel), (stride, stride),
+                             (padding, padding), (dilation, dilation))[2]
 
 
 class _Dedup:
@@ -180,7 +193,7 @@ class _Dedup:
 
 def _stage_input_size(image: int) -> int:
     """Input size of stage 1: after the 7x7/2 stem and the 3x3/2 max-pool (padding 1)."""
-    return conv_out(conv_out(image, 7, 2, 3), 3, 2, 1)
+    return out_side(out_side(image, 7, 2, 3), 3, 2, 1)
 
 
 def resnet50_layers(image: int) -> list[Layer]:
@@ -191,7 +204,7 @@ def resnet50_layers(image: int) -> list[Layer]:
         for block in range(blocks):
             stride = 2 if stage > 1 and block == 0 else 1
             b0 = ".b0" if block == 0 else ""
-            out = conv_out(size, 3, stride, 1)
+            out = out_side(size, 3, stride, 1)
             net.add(f"r50.s{stage}.reduce{b0}", inplanes, planes, 1, 1, size)
             net.add(f"r50.s{stage}.3x3{'s2' if stride == 2 else ''}", planes, planes, 3, stride,
                     size, deferred=True)
@@ -209,7 +222,7 @@ def resnet18_3x3_layers(image: int) -> list[Layer]:
     for stage, planes in enumerate((64, 128, 256, 512), 1):
         for block in range(2):
             stride = 2 if stage > 1 and block == 0 else 1
-            out = conv_out(size, 3, stride, 1)
+            out = out_side(size, 3, stride, 1)
             net.add(f"r18.s{stage}.conv1{'s2' if stride == 2 else ''}", inplanes, planes, 3,
                     stride, size)
             net.add(f"r18.s{stage}.conv2", planes, planes, 3, 1, out, residual=True,
@@ -252,7 +265,7 @@ class Tensors:
 
 def make_tensors(layer: Layer, batch: int, dtype, fmt, device, with_prev: bool) -> Tensors:
     torch.manual_seed(0)
-    acc = ops.acc_dtype_of(dtype)
+    acc = acc_dtype_of(dtype)
 
     def act(shape, grad=True, scale=1.0, shift=0.0):
         t = torch.randn(shape, device=device, dtype=dtype) * scale + shift
@@ -275,16 +288,13 @@ def make_tensors(layer: Layer, batch: int, dtype, fmt, device, with_prev: bool) 
         rm=per_channel(layer.cout, "rm"), rv=per_channel(layer.cout, "rv"),
         r=act(layer.out_shape(batch)) if layer.residual else None,
         g=act(layer.out_shape(batch), grad=False),
-        raw_prev=None, prev_stats=None, pw=None, pb=None, prm=None, prv=None,
+        raw_prev=None, pw=None, pb=None, prm=None, prv=None,
     )
     if with_prev:
         # The previous conv's output before its BatchNorm, and that BatchNorm.
         t.raw_prev = act(layer.in_shape(batch), scale=2.0, shift=0.5)
         t.pw, t.pb = per_channel(layer.cin, "w"), per_channel(layer.cin, "b")
         t.prm, t.prv = per_channel(layer.cin, "rm"), per_channel(layer.cin, "rv")
-        with torch.no_grad():
-            var, mean = torch.var_mean(t.raw_prev.to(acc), dim=(0, 2, 3), correction=0)
-            t.prev_stats = torch.stack([mean, torch.rsqrt(var + EPS)])
     return t
 
 
@@ -306,19 +316,39 @@ def eager_function(layer: Layer, mode: str) -> Callable:
             raw_prev, prm, prv, pw, pb = prev
             x = reference.batch_norm_relu(raw_prev, prm, prv, pw, pb, True, 0.1, EPS)
         return reference.conv_bn_relu(x, w, rm, rv, bw, bb, training, 0.1, EPS, residual=r,
-                                      relu=relu, stride=stride, padding=padding)
+                                      relu=relu, stride=stride, padding=padding,
+                                      dilation=layer.dilation)
 
     return eager
 
 
-def provider_call(provider: str, layer: Layer, mode: str, t: Tensors) -> tuple[Callable, list]:
-    """(fn() -> output, the tensors whose gradients training computes) for one provider."""
+def deferred_stats(t: Tensors, backend: str) -> Tensor:
+    """The batch statistics (mean, invstd) of the previous layer's conv output, as the fused
+    model computes them when that layer defers its BatchNorm: on ``cpu`` the same statistics
+    kernel (running statistics updated too); on the GPU backends, whose previous conv computes
+    them in its epilogue, a separate reduction, a pass their models do not make."""
+    if backend == "cpu":
+        stats, running = resnet_fast._C.bn_stats_cpu(t.raw_prev.detach(), t.prm, t.prv, 0.1,
+                                                     EPS)
+        t.prm.copy_(running[0])
+        t.prv.copy_(running[1])
+        return stats
+    with torch.no_grad():
+        var, mean = torch.var_mean(t.raw_prev.to(t.prm.dtype), dim=(0, 2, 3), correction=0)
+        return torch.stack([mean, torch.rsqrt(var + EPS)])
+
+
+def provider_call(provider: str, layer: Layer, mode: str,
+                  t: Tensors) -> tuple[Callable, list, Optional[Callable]]:
+    """(fn() -> output, the tensors whose gradients training computes, the
+    :func:`resnet_fast.timing.compiled` callable of ``compile``, else None) for one
+    provider."""
     deferred = mode == "train_deferred"
     prev = (t.raw_prev, t.prm, t.prv, t.pw, t.pb) if deferred else None
     if provider == "conv_only":
         def fn():
-            return F.conv2d(t.x, t.w, None, layer.stride, layer.padding)
-        return fn, [p for p in (t.x, t.w) if p.requires_grad]
+            return F.conv2d(t.x, t.w, None, layer.stride, layer.padding, layer.dilation)
+        return fn, [p for p in (t.x, t.w) if p.requires_grad], None
     grads = [t.x] if not deferred and t.x.requires_grad else []
     if deferred:
         grads += [t.raw_prev, t.pw, t.pb]
@@ -326,19 +356,21 @@ def provider_call(provider: str, layer: Layer, mode: str, t: Tensors) -> tuple[C
     if is_eager(provider) or provider == "compile":
         f = eager_function(layer, mode)
         if provider == "compile":
-            f = torch.compile(f)
-        return (lambda: f(t.x, t.w, t.rm, t.rv, t.bw, t.bb, t.r, prev)), grads
+            f = compiled(f)
+        return (lambda: f(t.x, t.w, t.rm, t.rv, t.bw, t.bb, t.r, prev)), grads, (
+            f if provider == "compile" else None)
     training = mode != "eval"
 
     def ours():
         x = t.x
         if deferred:
-            x = functional.DeferredBatchNorm(t.raw_prev, t.prev_stats, t.pw, t.pb, True, EPS,
-                                             provider)
+            x = functional.DeferredBatchNorm(t.raw_prev, deferred_stats(t, provider), t.pw, t.pb,
+                                             True, EPS, provider)
         return functional.conv_bn_relu(x, t.w, t.rm, t.rv, t.bw, t.bb, training, 0.1, EPS,
-                                       stride=layer.stride, padding=layer.padding, residual=t.r,
-                                       relu=layer.relu, backend=provider)
-    return ours, grads
+                                       stride=layer.stride, padding=layer.padding,
+                                       dilation=layer.dilation, residual=t.r, relu=layer.relu,
+                                       backend=provider)
+    return ours, grads, None
 
 
 def cuda_backend_skip(layer: Layer, dtype: torch.dtype) -> Optional[str]:
@@ -352,17 +384,11 @@ def cuda_backend_skip(layer: Layer, dtype: torch.dtype) -> Optional[str]:
     return None
 
 
-def _graphs_compiled() -> int:
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
-
-
-def measure(provider: str, layer: Layer, mode: str, t: Tensors, time_it,
-            sync: Callable[[], None]) -> tuple[list[float], float, Tensor]:
-    """(seconds per timed call, wall seconds of the first call (compilation for ``compile``),
-    the first call's output)."""
-    if provider == "compile":
-        torch._dynamo.reset()
-    fn, grads = provider_call(provider, layer, mode, t)
+def prepare(provider: str, layer: Layer, mode: str, t: Tensors,
+            device: torch.device) -> tuple[Callable, float, Tensor, Optional[Callable]]:
+    """(the timed call, wall seconds of its first call (compilation for ``compile``), the
+    first call's output, the compiled callable of ``compile``)."""
+    fn, grads, compiled_fn = provider_call(provider, layer, mode, t)
     # The output's gradient: t.g's values with the output's strides, as autograd hands it
     # over from the next layer (set by the first call).
     grad_out = []
@@ -379,14 +405,8 @@ def measure(provider: str, layer: Layer, mode: str, t: Tensors, time_it,
             return out
     t0 = time.perf_counter()
     out = call().detach()
-    sync()
-    first = time.perf_counter() - t0
-    graphs = _graphs_compiled()
-    times = time_it(call)
-    if provider == "compile" and _graphs_compiled() != graphs:
-        print(f"  warning: {layer.name} {mode}: torch.compile recompiled during warm-up or "
-              f"timing ({_graphs_compiled() - graphs} more graphs)", file=sys.stderr)
-    return times, first, out
+    synchronize(device)
+    return call, time.perf_counter() - t0, out, compiled_fn
 
 
 def relative_error(out: Tensor, ref: Tensor) -> float:
@@ -428,9 +448,14 @@ def main(argv=None) -> int:
                         "and the backends (default: eager, the other eager layout on the CPU, "
                         "compile, conv_only on CUDA, every available backend)")
     p.add_argument("--repeat", type=int, default=None,
-                   help="timed calls per measurement (default: 10 CPU, 50 CUDA; 3 with --quick)")
+                   help="rounds, each measuring every provider once (default: 10 CPU, 20 CUDA; "
+                        "3 with --quick)")
     p.add_argument("--warmup", type=int, default=None,
-                   help="untimed calls before them, after the first (default: 2 CPU, 10 CUDA)")
+                   help="untimed calls per provider after the first, before the rounds "
+                        "(default: 2 CPU, 10 CUDA)")
+    p.add_argument("--min-run-time", type=float, default=None,
+                   help="seconds each measurement runs at least (default: 0.02 CPU, 0.05 CUDA;"
+                        " 0, one call, with --quick)")
     p.add_argument("--quick", action="store_true",
                    help=f"layers {','.join(QUICK_LAYERS)}, 3 repeats, 1 warm-up: a smoke test")
     p.add_argument("--out", default=str(RESULTS))
@@ -492,17 +517,19 @@ def main(argv=None) -> int:
     # Every ratio is taken against eager, and every output checked against its: it runs first.
     providers = ["eager"] + [q for q in providers if q != "eager"]
 
-    reps = args.repeat or (3 if args.quick else 50 if gpu else 10)
+    reps = args.repeat or (3 if args.quick else 20 if gpu else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 10 if gpu else 2)
-    time_it = timer(device, warmup=warmup, reps=reps)
-    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    min_run_time = args.min_run_time if args.min_run_time is not None else (
+        0.0 if args.quick else 0.05 if gpu else 0.02)
+    timing = dict(rounds=reps, device=device, warmup=warmup, min_run_time=min_run_time)
     if gpu:
         torch.backends.cudnn.benchmark = True
-    info = versions(device)
+    prov = provenance(device, warmup, reps, min_run_time=min_run_time)
     dtype_name = str(dtype).replace("torch.", "")
-    print(f"{info['device_name']}: {dtype_name} {layout}, batch {batch}, image {image}, "
+    print(f"{prov['device']}: {dtype_name} {layout}, batch {batch}, image {image}, "
           f"{len(layers)} layers, modes {','.join(modes)}, providers {','.join(providers)}, "
-          f"{reps} timed calls after {warmup + 1} untimed")
+          f"{reps} rounds of one measurement each (at least {min_run_time} s) after "
+          f"{warmup + 1} untimed calls")
 
     rows, skipped, failed = [], [], []
     t_start = time.perf_counter()
@@ -515,7 +542,7 @@ def main(argv=None) -> int:
                          else torch.channels_last)
             tensors[other_layout] = tensors[layout].to_format(other_fmt)
         for mode in layer_modes:
-            measured, errors = {}, {}
+            calls, firsts, counters, errors = {}, {}, {}, {}
             for provider in providers:
                 if provider == "conv_only" and mode == "train_deferred":
                     continue  # the conv alone: the same as in train
@@ -528,9 +555,10 @@ def main(argv=None) -> int:
                         continue
                 t = tensors[other_layout if provider == other_eager else layout]
                 try:
-                    times, first, out = measure(provider, layer, mode, t, time_it, sync)
+                    calls[provider], firsts[provider], out, counters[provider] = prepare(
+                        provider, layer, mode, t, device)
                 except Exception as exc:  # noqa: BLE001 - recorded, reported, the run goes on
-                    reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+                    reason = error_text(exc)
                     entry = dict(layer=layer.name, mode=mode, provider=provider, reason=reason)
                     if provider == "cuda" and "conv2d_bn_act_cuda" in str(exc):
                         skipped.append(entry)  # an argument check of the CUTLASS path
@@ -540,7 +568,6 @@ def main(argv=None) -> int:
                         print(f"  FAILED {provider} {layer.name} {mode}: {reason}",
                               file=sys.stderr)
                     continue
-                measured[provider] = (times, first)
                 # Each provider's output against eager's, as a check of what is timed.
                 if provider == "eager":
                     reference_out = out
@@ -552,25 +579,33 @@ def main(argv=None) -> int:
                               file=sys.stderr)
                 del out
             reference_out = None
+            timing_errors = {}
+            times = interleave(calls, **timing, errors=timing_errors)
+            for provider, reason in timing_errors.items():
+                failed.append(dict(layer=layer.name, mode=mode, provider=provider,
+                                   reason=reason))
+                print(f"  FAILED {provider} {layer.name} {mode}: {reason}", file=sys.stderr)
+            measured = {q: (ts, firsts[q], recompiles_of(counters[q])) for q, ts in times.items()}
             new = result_rows(layer, mode, measured, errors, batch, image, dtype_name, layout,
-                              info, other_layout)
+                              prov, other_layout)
             print_rows(new, header=not rows, conv_only="conv_only" in providers)
             rows.extend(new)
         del tensors
     elapsed = time.perf_counter() - t_start
     print(f"\n{len(rows)} rows in {elapsed:.0f} s")
 
-    write_results(rows, skipped, failed, Path(args.out), run_name(args.tag, device), info,
+    write_results(rows, skipped, failed, Path(args.out), run_name(args.tag, device), prov,
                   dict(device=args.device, dtype=dtype_name, layout=layout, batch=batch,
                        image=image, modes=modes, providers=providers, repeat=reps,
-                       warmup=warmup, quick=args.quick, layers=args.layers,
-                       cudnn_benchmark=gpu, elapsed_s=elapsed, argv=sys.argv[1:]))
+                       warmup=warmup, min_run_time=min_run_time, quick=args.quick,
+                       layers=args.layers, cudnn_benchmark=gpu, elapsed_s=elapsed))
     return 1 if failed else 0
 
 
 def result_rows(layer: Layer, mode: str, measured: dict, errors: dict, batch: int, image: int,
-                dtype: str, layout: str, info: dict, other_layout: str) -> list[dict]:
-    med = {q: statistics.median(times) for q, (times, _) in measured.items()}
+                dtype: str, layout: str, prov: dict, other_layout: str) -> list[dict]:
+    """``measured``: per provider (seconds per measurement, first call's seconds, recompiles)."""
+    med = {q: statistics.median(times) for q, (times, _, _) in measured.items()}
     eager = med.get("eager")
     eagers = {q: v for q, v in med.items() if is_eager(q)}
     best_eager_provider = min(eagers, key=eagers.get) if eagers else None
@@ -582,21 +617,20 @@ def result_rows(layer: Layer, mode: str, measured: dict, errors: dict, batch: in
     def ratio(base, m):
         return base / m if base is not None else None
 
-    base = dict(device=info["device_name"], dtype=dtype, layout=layout, network=layer.network,
+    base = dict(row_provenance(prov), dtype=dtype, layout=layout, network=layer.network,
                 layer=layer.name, count=layer.count, conv=layer.conv, kernel=layer.kernel,
                 stride=layer.stride, padding=layer.padding, cin=layer.cin, cout=layer.cout,
                 relu=layer.relu, residual=layer.residual,
                 in_shape="x".join(map(str, layer.in_shape(batch))),
                 out_shape="x".join(map(str, layer.out_shape(batch))), batch=batch, image=image,
-                mode=mode, **{k: v for k, v in info.items() if k != "device_name"})
+                mode=mode)
     rows = []
-    for provider, (times, first) in measured.items():
+    for provider, (times, first, recompiles) in measured.items():
         m = med[provider]
         rows.append(dict(
             base, provider=provider,
             provider_layout=other_layout if provider.startswith("eager_") else layout,
-            median_ms=m * 1e3, min_ms=min(times) * 1e3, max_ms=max(times) * 1e3,
-            reps=len(times), first_call_s=first,
+            **time_stats(times), first_call_s=first, recompiles=recompiles,
             vs_eager=ratio(eager, m), vs_best_eager=ratio(best_eager, m),
             best_eager=best_eager_provider, vs_compile=ratio(compiled, m),
             vs_best_baseline=ratio(best_baseline, m), vs_conv_only=ratio(conv_only, m),
@@ -606,7 +640,7 @@ def result_rows(layer: Layer, mode: str, measured: dict, errors: dict, batch: in
 
 COLUMNS = (("layer", 16), ("count", 5), ("conv", 24), ("in_shape", 16), ("mode", 14),
            ("provider", 10), ("median_ms", 10), ("vs_eager", 8), ("vs_best_eager", 13),
-           ("vs_compile", 10), ("vs_conv_only", 12))
+           ("vs_compile", 10), ("vs_conv_only", 12), ("recompiles", 10))
 
 
 def print_rows(rows, header=False, conv_only=False):
@@ -618,13 +652,6 @@ def print_rows(rows, header=False, conv_only=False):
 
 
 # ----------------------------------------------------------------------------------- summary
-
-
-def geomean(values, weights=None) -> Optional[float]:
-    pairs = [(v, w) for v, w in zip(values, weights or [1] * len(values)) if v is not None]
-    if not pairs:
-        return None
-    return math.exp(sum(w * math.log(v) for v, w in pairs) / sum(w for _, w in pairs))
 
 
 def model_training_rows(rows) -> list[dict]:
@@ -733,7 +760,7 @@ def print_summary(summary, target_rows, eager_other: bool) -> None:
               f"{val}{unw}  {verdict}")
 
 
-def write_results(rows, skipped, failed, out: Path, tag: str, info: dict,
+def write_results(rows, skipped, failed, out: Path, tag: str, prov: dict,
                   config: dict) -> None:
     if not rows:
         print("nothing measured")
@@ -742,11 +769,10 @@ def write_results(rows, skipped, failed, out: Path, tag: str, info: dict,
     stem = out / f"conv_bn_act_{tag}"
     write_csv(stem.with_suffix(".csv"), rows)
     summary = summarize(rows)
-    target_rows = targets(summary, "cuda" if "cuda" in info else "cpu")
-    write_json(stem.with_suffix(".json"), {"versions": info, "config": config,
-                                           "targets": target_rows, "summary": summary,
-                                           "skipped": skipped, "failed": failed,
-                                           "rows": rows})
+    target_rows = targets(summary, prov["device_kind"])
+    write_json(stem.with_suffix(".json"), prov, {"config": config, "targets": target_rows,
+                                                 "summary": summary, "skipped": skipped,
+                                                 "failed": failed, "rows": rows})
     print_summary(summary, target_rows, any(r["provider"].startswith("eager_") for r in rows))
     if skipped:
         print(f"\nskipped {len(skipped)} (layer, mode, provider): "
@@ -755,11 +781,11 @@ def write_results(rows, skipped, failed, out: Path, tag: str, info: dict,
         print(f"\nFAILED {len(failed)} (layer, mode, provider), not in the rows or the summary:")
         for f in failed:
             print(f"  {f['provider']} {f['layer']} {f['mode']}: {f['reason']}")
-    plot(rows, stem.with_suffix(".png"), info)
+    plot(rows, stem.with_suffix(".png"), prov)
     print(f"\nwrote {stem}.csv, .json" + (", .png" if stem.with_suffix(".png").exists() else ""))
 
 
-def plot(rows, path: Path, info: dict) -> None:
+def plot(rows, path: Path, prov: dict) -> None:
     """One panel per mode: per layer, a bar per provider of its speed-up vs eager."""
     plt = pyplot()
     if plt is None:
@@ -785,7 +811,7 @@ def plot(rows, path: Path, info: dict) -> None:
         ax.set_ylabel("speed-up vs eager")
         r0 = next(iter(sel.values()))
         ax.set_title(f"conv+BN(+add)+ReLU {mode}: {r0['dtype']} {r0['layout']} batch "
-                     f"{r0['batch']} image {r0['image']} on {info['device_name']}", fontsize=9)
+                     f"{r0['batch']} image {r0['image']} on {prov['device']}", fontsize=9)
         ax.legend(fontsize=7, ncol=len(providers))
     fig.tight_layout()
     fig.savefig(path, dpi=90)

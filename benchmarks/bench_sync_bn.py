@@ -13,16 +13,19 @@ the same weights:
 * ``fused_local``: the fused model with unsynchronised BatchNorms (each process's statistics),
   the cost the synchronisation adds to.
 
-The timed steps of the three are interleaved (one of each in turn, after ``--warmup`` steps of
-each), both processes starting each step together; the minimum and the median over ``--reps``
-of rank 0's times are reported, with the ratios of the minima. Targets: ``fused_sync`` at most
+Timing (:mod:`resnet_fast.timing`): after ``--warmup`` steps of each, ``--reps`` rounds each
+time one step of every case in an order shuffled afresh each round (the same seed, so the same
+order, in both processes), both processes starting each measurement together (a barrier; on
+the CPU each timed step follows one untimed one, torch's Timer estimating its block size); the
+minimum and the median over the rounds of rank 0's times are reported, with the ratios of the
+minima. Targets: ``fused_sync`` at most
 1.15x ``fused_local`` and at least 1.2x faster than ``reference_sync``.
 
     .venv/bin/python benchmarks/bench_sync_bn.py             # batch 64 per process, 32x32
     .venv/bin/python benchmarks/bench_sync_bn.py --reps 3 --batch 16
 
-Results: a printed table and ``benchmarks/results/sync_bn_cpu.json`` (device, versions,
-commit, settings, rows).
+Results: a printed table and ``benchmarks/results/sync_bn_cpu.json`` (provenance: device,
+versions, commit, command line; settings, rows).
 """
 
 from __future__ import annotations
@@ -38,17 +41,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-_HERE = Path(__file__).resolve().parent
-if str(_HERE) not in sys.path:
-    sys.path.insert(0, str(_HERE))
-
-import resnet_fast as rf  # noqa: E402
-from resnet_fast import models, reference  # noqa: E402
+import resnet_fast as rf
+from resnet_fast import models, reference
 from resnet_fast.cli.train_dist import free_port
+from resnet_fast.model_bench import Settings, step_fn
+from resnet_fast.timing import fmt_cell, interleave, provenance, write_json
 
-from _common import RESULTS, fmt_cell, versions, write_json  # noqa: E402
-from bench_model import Settings, _step_fn, _time_once  # noqa: E402
-from soak import commit  # noqa: E402
+from _common import RESULTS
 
 WORLD = 2
 CASES = ("fused_sync", "reference_sync", "fused_local")
@@ -86,15 +85,10 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: dict) -> None:
             model.load_state_dict(state)
             model = model.to(memory_format=fmt)
             ddp = nn.parallel.DistributedDataParallel(model)
-            steps[case] = _step_fn(ddp, model, "train", x, y, Settings())
-        times = {case: [] for case in CASES}
-        for _ in range(args.warmup):
-            for case in CASES:
-                steps[case]()
-        for _ in range(args.reps):
-            for case in CASES:
-                dist.barrier()
-                times[case].append(_time_once(steps[case], "cpu"))
+            steps[case] = step_fn(ddp, model, "train", x, y, Settings())
+        # min_run_time 0: one timed step per measurement in either process, whatever its speed
+        times = interleave(steps, args.reps, device=torch.device("cpu"), warmup=args.warmup,
+                           before=dist.barrier)
         if rank == 0:
             out.update(times)
     finally:
@@ -111,6 +105,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--out", type=Path, default=RESULTS / "sync_bn_cpu.json")
     args = p.parse_args(argv)
+    torch.set_num_threads(1)  # as every process runs: the provenance records it
+    prov = provenance(torch.device("cpu"), args.warmup, args.reps, processes=WORLD)
     with mp.Manager() as manager:
         out = manager.dict()
         mp.spawn(_worker, args=(free_port(), args, out), nprocs=WORLD)
@@ -130,13 +126,9 @@ def main(argv=None) -> int:
     for name, (op, bound) in TARGETS.items():
         print(f"{name} = {ratios[name]:.3f} (target {op} {bound}): "
               f"{'met' if met[name] else 'NOT met'}")
-    info = versions(torch.device("cpu"))
-    info["device_name"] = info["device_name"].replace(
-        f"{torch.get_num_threads()} threads", "1 thread per process")
-    write_json(args.out, {
+    write_json(args.out, prov, {
         "benchmark": "DDP training step (fwd + bwd + SGD), resnet18(small_input=True), "
                      f"{WORLD} gloo processes",
-        "device": info["device_name"], "versions": info, "commit": commit(),
         "settings": {"batch_per_process": args.batch, "size": args.size,
                      "layout": args.layout, "warmup": args.warmup, "reps": args.reps,
                      "threads_per_process": 1},

@@ -8,7 +8,9 @@ Each group holds one piece of work measured by eager PyTorch and by every resnet
 that runs on the device (``test_bench_ops.py``: each fused op; ``test_bench_model.py``: a
 ResNet training step and an eval forward). The plain ``pytest`` run does not collect this
 folder (``testpaths = ["tests"]``). On a machine with a GPU the benchmarks run on CUDA, and
-each timed call ends with a synchronize.
+each timed call ends with a synchronize. pytest-benchmark times and stores these runs to
+compare commits; the result files under ``benchmarks/results/`` come from the scripts, which
+time with :mod:`resnet_fast.timing`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pytest
 import torch
 
 import resnet_fast
+from resnet_fast.timing import synchronize
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -45,7 +48,7 @@ def _timed(fn: Callable) -> Callable:
 
     def run():
         out = fn()
-        torch.cuda.synchronize()
+        synchronize(DEVICE)
         return out
     return run
 

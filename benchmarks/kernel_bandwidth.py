@@ -11,16 +11,21 @@ moves the bytes its role must move:
     backward sums                  reads dy, x (and r)
     backward apply                 reads dy, x (and r), writes dx (and dr)
 
+The kernel times come from the profiler (the only way to split an op into its kernels); the
+copy bandwidth is timed by :mod:`resnet_fast.timing` (``triton.testing.do_bench``).
+
     python benchmarks/kernel_bandwidth.py [--out DIR]
 
-Writes ``kernel_bandwidth_<device>.csv`` under benchmarks/results/ (or --out).
+Writes ``kernel_bandwidth_<device>.csv`` under benchmarks/results/ (or --out), each row naming
+the device, torch version and commit, and its JSON twin ``kernel_bandwidth_<device>.json``
+(``provenance``: device, versions, commit, command line; the same rows).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -28,6 +33,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from resnet_fast import ops
+from resnet_fast.timing import alone, provenance, row_provenance, write_csv, write_json
 
 SHAPES = [(256, 64, 112, 112), (256, 256, 56, 56), (256, 512, 28, 28), (256, 2048, 7, 7)]
 MODES = {"none": (False, False), "add": (True, False), "bn": (True, True)}
@@ -63,10 +69,12 @@ def kernel_times(fn) -> dict[str, float]:
 
 
 def copy_bandwidth() -> float:
+    """GB/s (read + write) of a 1 GiB device-to-device copy, the median of 5 measurements."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    us = max(kernel_times(lambda: dst.copy_(src)).values())
-    return 2 * src.numel() / (us * 1e-6) / 1e9
+    seconds = statistics.median(alone(lambda: dst.copy_(src), torch.device("cuda"), warmup=3,
+                                      reps=5, min_run_time=0.1))
+    return 2 * src.numel() / seconds / 1e9
 
 
 def main(argv=None) -> int:
@@ -77,6 +85,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("error: no CUDA device", file=sys.stderr)
         return 2
+    prov = provenance(torch.device("cuda"), 3, ITERS)
     copy_gbps = copy_bandwidth()
     device = torch.cuda.get_device_name()
     print(f"{device}: device copy {copy_gbps:.0f} GB/s (read + write)")
@@ -118,11 +127,11 @@ def main(argv=None) -> int:
                         if role is None:
                             continue
                         gbps = bytes_of[role] / (us * 1e-6) / 1e9
-                        row = dict(device=device, backend=backend, shape="x".join(map(str, shape)),
+                        row = dict(row_provenance(prov), backend=backend,
+                                   shape="x".join(map(str, shape)),
                                    mode=mode, pass_=label, role=role, kernel=name[:80],
                                    us=round(us, 1), gbps=round(gbps), pct_copy=round(
-                                       100 * gbps / copy_gbps, 1), copy_gbps=round(copy_gbps),
-                                   torch=torch.__version__)
+                                       100 * gbps / copy_gbps, 1), copy_gbps=round(copy_gbps))
                         rows.append(row)
                         print(f"{backend:7} {row['shape']:18} {mode:5} {label:6} {role:15} "
                               f"{us:8.1f} {gbps:6.0f} {row['pct_copy']:6.1f}", flush=True)
@@ -130,11 +139,9 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")
-    with open(out / f"kernel_bandwidth_{tag}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        writer.writeheader()
-        writer.writerows(rows)
+    stem = out / f"kernel_bandwidth_{re.sub(r'[^a-z0-9]+', '_', device.lower()).strip('_')}"
+    write_csv(stem.with_suffix(".csv"), rows)
+    write_json(stem.with_suffix(".json"), prov, {"copy_gbps": copy_gbps, "rows": rows})
     return 0
 
 

@@ -16,14 +16,15 @@ for what PyTorch's own caches (oneDNN's primitive cache, the allocator) take on 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from _common import RESULTS, run_name, versions, write_json
+from _common import RESULTS, run_name
 from resnet_fast import backends, models, reference
+from resnet_fast.timing import provenance, write_json
 
 
 def rss_mb() -> float:
@@ -34,14 +35,6 @@ def rss_mb() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=3000)
@@ -49,8 +42,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eager", action="store_true", help="the eager reference model")
     p.add_argument("--tag", default=None)
+    p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    prov = provenance(torch.device("cpu"), args.warmup, args.steps)
     torch.manual_seed(0)
     family = reference if args.eager else models
     model = family.ResNet(family.BasicBlock, [1, 1, 1, 1], num_classes=10,
@@ -79,17 +74,15 @@ def main(argv=None) -> int:
     peak = max(s["rss_mb"] for s in samples)
     result = {
         "benchmark": "soak", "model": "eager reference" if args.eager else "resnet_fast",
-        "device": versions(torch.device("cpu")), "commit": commit(),
-        "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
         "training_steps": args.steps, "eval_calls": args.steps, "warmup": args.warmup,
         "rss_after_warmup_mb": round(baseline, 1), "rss_end_mb": round(end, 1),
         "rss_growth_mb": round(end - baseline, 1), "rss_peak_mb": round(peak, 1),
         "cache_sizes": backends.cache_sizes(), "rss_samples": samples,
     }
-    RESULTS.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     name = run_name(args.tag, torch.device("cpu")) + ("_eager" if args.eager else "")
-    path = RESULTS / f"soak_{name}.json"
-    write_json(path, result)
+    path = args.out / f"soak_{name}.json"
+    write_json(path, prov, result)
     print(f"{args.steps} training steps + {args.steps} eval calls: RSS {baseline:.1f} MB after "
           f"{args.warmup} warm-up calls, {end:.1f} MB at the end (growth "
           f"{end - baseline:+.1f} MB, peak {peak:.1f} MB); caches {result['cache_sizes']}")

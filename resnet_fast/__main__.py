@@ -37,7 +37,7 @@ from torch import nn
 import resnet_fast
 from resnet_fast.cli import MODELS, OneLineParser, UsageError
 from resnet_fast.convert import eager_batch_norms
-from resnet_fast.graph_fusion import FusedForward
+from resnet_fast.graph_plan import FusedForward
 from resnet_fast.nn import FusedModule
 from resnet_fast.verify import LAYOUTS, OPS, Case, Conv, check_case, compare
 
@@ -68,10 +68,10 @@ def model_layers(name: str, batch: int, size: int) -> list[tuple[str, str, tuple
     ``batch_norm_add_relu`` at a block end with an identity shortcut and
     ``dual_batch_norm_add_relu`` at one with a downsampling shortcut.
     """
-    from resnet_fast import reference
+    from resnet_fast import reference_models
 
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        model = getattr(reference, name)(small_input=size < 64)
+        model = getattr(reference_models, name)(small_input=size < 64)
     shapes: dict[str, tuple] = {}
 
     def record(name):
@@ -86,7 +86,7 @@ def model_layers(name: str, batch: int, size: int) -> list[tuple[str, str, tuple
     for h in hooks:
         h.remove()
     blocks = {n: m for n, m in model.named_modules()
-              if isinstance(m, (reference.BasicBlock, reference.Bottleneck))}
+              if isinstance(m, (reference_models.BasicBlock, reference_models.Bottleneck))}
     cases, seen = [], set()
 
     def add(layer, op, shape, conv=None):
@@ -101,8 +101,8 @@ def model_layers(name: str, batch: int, size: int) -> list[tuple[str, str, tuple
         parent, _, leaf = n.rpartition(".")
         block = blocks.get(parent)
         downsample = parent.endswith(".downsample")
-        last = block is not None and leaf == ("conv3" if isinstance(block, reference.Bottleneck)
-                                              else "conv2")
+        last = block is not None and leaf == (
+            "conv3" if isinstance(block, reference_models.Bottleneck) else "conv2")
         conv = Conv(m.out_channels, m.kernel_size[0], m.stride[0], m.padding[0], m.dilation[0],
                     m.groups, m.bias is not None, residual=last, relu=not downsample)
         add(n, "conv_bn_relu", shapes[n], conv)

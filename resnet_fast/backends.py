@@ -29,8 +29,8 @@ from typing import Optional, Union
 
 import torch
 
-from resnet_fast import ops
-from resnet_fast.ops import _C
+from resnet_fast import folded_weights
+from resnet_fast._extension import load_extension
 
 __all__ = ["BACKENDS", "available_backends", "unavailable_reason", "resolve_backend",
            "cache_sizes"]
@@ -52,7 +52,7 @@ def _probe_triton() -> Optional[str]:
 
 
 # Probed once at import, so that resolving a backend inside torch.compile reads constants only.
-_EXTENSION_HAS_CUDA = bool(_C.with_cuda)
+_EXTENSION_HAS_CUDA = bool(load_extension().with_cuda)
 _TRITON_ERROR = _probe_triton()
 
 
@@ -144,11 +144,11 @@ def _resolve(backend: Optional[str], device: torch.device) -> str:
 
 def cache_sizes() -> dict[str, int]:
     """Entries in each cache the package keeps, every one bounded: the oneDNN folded weights
-    (one per live conv weight run in eval, at most ``ops.ONEDNN_CACHE_SIZE``), the resolved
+    (one per live conv weight run in eval, at most ``folded_weights.CACHE_SIZE``), the resolved
     backend names (at most 64) and the Triton BatchNorm launch configurations (at most 1024;
     0 until the Triton backend is first used)."""
     triton_bn_act = sys.modules.get("resnet_fast.triton.bn_act")
-    return {"onednn_folded_weights": len(ops._ONEDNN_CACHE),
+    return {"onednn_folded_weights": folded_weights.size(),
             "resolved_backends": len(_RESOLVED),
             "triton_bn_configs": (0 if triton_bn_act is None
                                   else triton_bn_act._cached_config.cache_info().currsize)}

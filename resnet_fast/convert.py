@@ -56,7 +56,7 @@ from typing import Iterator, Optional
 
 from torch import nn
 
-from resnet_fast import graph_fusion, models, reference
+from resnet_fast import graph_fusion, models, reference_models
 from resnet_fast.nn import FusedModule, is_fusable_batch_norm, is_fusable_conv, is_relu, \
     validate_backend
 from resnet_fast.sync_batchnorm import adopt_sync_batch_norms, is_fusable_sync_batch_norm
@@ -133,8 +133,8 @@ def _check_block(module: nn.Module) -> tuple[Optional[type], Optional[str]]:
         return None, (f"children {sorted(kids)} are neither a BasicBlock's {sorted(_BASIC)} "
                       f"nor a Bottleneck's {sorted(_BOTTLENECK)}")
     reason = _known_forward(type(module), ("forward",),
-                            (reference.BasicBlock, reference.Bottleneck, models.BasicBlock,
-                             models.Bottleneck), duck_typed=True)
+                            (reference_models.BasicBlock, reference_models.Bottleneck,
+                             models.BasicBlock, models.Bottleneck), duck_typed=True)
     if reason is not None:
         return None, reason
     for conv_name, bn_name in pairs:
@@ -169,7 +169,7 @@ def _check_resnet(module: nn.Module) -> Optional[str]:
     if set(kids) != set(_RESNET):
         return f"children {sorted(kids)} are not a ResNet's {sorted(_RESNET)}"
     reason = _known_forward(type(module), ("forward", "_forward_impl"),
-                            (reference.ResNet, models.ResNet), duck_typed=False)
+                            (reference_models.ResNet, models.ResNet), duck_typed=False)
     if reason is not None:
         return reason
     reason = _check_conv_bn(kids["conv1"], kids["bn1"], "conv1", "bn1")

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from resnet_fast import ops, reference
+from resnet_fast._conventions import acc_dtype_of, conv_output_shape
 from resnet_fast.backends import resolve_backend
 from resnet_fast.reference import _momentum_factor
 
@@ -411,7 +412,7 @@ def conv_bn_relu(
     stride = _pair("stride", stride, 1)
     padding = _pair("padding", padding, 0)
     dilation = _pair("dilation", dilation, 1)
-    shape = ops.conv_output_shape(x.shape, conv_weight.shape, stride, padding, dilation)
+    shape = conv_output_shape(x.shape, conv_weight.shape, stride, padding, dilation)
     if min(shape[2:]) < 1:
         raise ValueError(
             f"input of spatial size {tuple(x.shape[2:])} is too small for conv_weight "
@@ -457,7 +458,7 @@ def conv_bn_relu(
         raw = F.conv2d(x, conv_weight, conv_bias, stride, padding, dilation, groups)
         with torch.no_grad():
             var, mean = torch.var_mean(raw, dim=(0, 2, 3), correction=0)
-            stats = torch.stack([mean, torch.rsqrt(var + eps)]).to(ops.acc_dtype_of(raw.dtype))
+            stats = torch.stack([mean, torch.rsqrt(var + eps)]).to(acc_dtype_of(raw.dtype))
             if running_mean is not None:  # updates them exactly as eager BatchNorm does
                 factor = _momentum_factor(momentum, training, running_mean, num_batches_tracked)
                 F.batch_norm(raw, running_mean, running_var, None, None, True, factor, eps)

@@ -12,7 +12,8 @@ attribute names:
   :func:`resnet_fast.nn.conv_bn_act` call;
 * ``conv -> BN -> add (-> ReLU)``, the other operand of the add being any tensor (an identity
   shortcut) or itself ``conv -> BN`` (a projection shortcut, after an average pool or not): one
-  :func:`block_end`, the dual BatchNorm + add + ReLU of resnet_fast's own blocks in training;
+  :func:`resnet_fast.nn.block_end`, the dual BatchNorm + add + ReLU of resnet_fast's own blocks
+  in training;
 * a fused step whose only user is the conv of another fused step hands its output on deferred
   (``defer=True``): that conv normalises (and rectifies) its input as it loads it, which is
   exact because the fused conv keeps its zero padding after the normalisation. In eval (running
@@ -30,11 +31,12 @@ the module, for :func:`resnet_fast.convert` to report.
 
 The rewrite keeps every module object: the unit keeps its class, children, parameters, buffers
 and hooks, and only gets an instance attribute ``forward``, a :class:`FusedForward` that replays
-the traced graph with the fused steps in place of their nodes. The plan names child modules by
-their attribute paths and looks them up on each call, so ``.to()``, ``train()``/``eval()``
-(each fused op reads its BatchNorm's mode when it runs), ``load_state_dict``, ``copy.deepcopy``
-and pickling behave as before; a fused step whose modules stop being fusable (a hook added
-later, a child swapped for another activation) runs them eagerly, as ``conv_bn_act`` does.
+the traced graph with the fused steps in place of their nodes (:mod:`resnet_fast.graph_plan`).
+The plan names child modules by their attribute paths and looks them up on each call, so
+``.to()``, ``train()``/``eval()`` (each fused op reads its BatchNorm's mode when it runs),
+``load_state_dict``, ``copy.deepcopy`` and pickling behave as before; a fused step whose modules
+stop being fusable (a hook added later, a child swapped for another activation) runs them
+eagerly, as ``conv_bn_act`` does.
 
 What a unit's forward decides in Python is decided once, when it is traced: a unit whose graph
 differs between training and eval, whose forward takes optional or variable arguments, or that
@@ -51,16 +53,15 @@ import dataclasses
 import inspect
 import operator
 import pickle
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, fx, nn
+from torch import fx, nn
 
-from resnet_fast import functional, ops
-from resnet_fast.models import _uses_batch_statistics
-from resnet_fast.nn import FusedModule, _has_hooks, conv_bn_act, is_fusable_batch_norm, \
-    is_fusable_conv, is_relu
+from resnet_fast.fused_module import FusedModule, has_hooks
+from resnet_fast.graph_plan import Call, FusedBlockEnd, FusedConv, FusedForward, Ref, Step
+from resnet_fast.nn import block_end, is_fusable_batch_norm, is_fusable_conv, is_relu
 from resnet_fast.sync_batchnorm import is_fusable_sync_batch_norm
 
 __all__ = ["FusedForward", "GraphPlan", "block_end", "plan"]
@@ -71,238 +72,6 @@ _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
 _RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
-# The module a functional ReLU is fused as (conv_bn_act takes the activation as a module).
-_RELU = nn.ReLU()
-
-
-def block_end(
-    input: Union[Tensor, functional.DeferredBatchNorm],
-    conv: nn.Conv2d,
-    bn: nn.Module,
-    act: Optional[nn.Module],
-    shortcut: Tensor,
-    shortcut_conv: Optional[nn.Conv2d] = None,
-    shortcut_bn: Optional[nn.Module] = None,
-    *,
-    recompute: bool = False,
-    backend: Optional[str] = None,
-) -> Tensor:
-    """``act(bn(conv(input)) + s)``, the end of a residual block, ``s`` being ``shortcut`` or,
-    with ``shortcut_conv`` and ``shortcut_bn``, ``shortcut_bn(shortcut_conv(shortcut))``.
-
-    ``act`` as in :func:`resnet_fast.nn.conv_bn_act` (a ReLU is fused, ``None`` is the
-    identity, any other module runs after the fused part). When both BatchNorms normalise with
-    batch statistics (training), ``act`` is a ReLU and both pairs are fusable, both convs stop
-    before their BatchNorm and one :func:`~resnet_fast.functional.dual_batch_norm_add_relu`
-    ends the block; otherwise the shortcut is one fused conv + BatchNorm and the end one fused
-    conv + BatchNorm + residual (+ ReLU). ``recompute`` (``memory_efficient``) takes the second
-    way, each conv recomputing its output in backward. A residual that is not of the conv
-    output's shape (an add that broadcasts) is added eagerly after the fused conv + BatchNorm.
-    """
-    fusable = is_fusable_conv(conv) and is_fusable_batch_norm(bn)
-    # A SyncBatchNorm takes the residual into its own fused pass after the conv: same shape.
-    sync = is_fusable_conv(conv) and is_fusable_sync_batch_norm(bn)
-    shape = _conv_output_shape(input, conv) if fusable or sync else None
-    if shortcut_conv is None:
-        residual = shortcut
-    else:
-        if (fusable and not recompute and is_relu(act) and is_fusable_conv(shortcut_conv)
-                and is_fusable_batch_norm(shortcut_bn) and _uses_batch_statistics(bn)
-                and _uses_batch_statistics(shortcut_bn) and bn.eps == shortcut_bn.eps
-                and _conv_output_shape(shortcut, shortcut_conv) == shape):
-            main = conv_bn_act(input, conv, bn, None, defer=True, backend=backend)
-            short = conv_bn_act(shortcut, shortcut_conv, shortcut_bn, None, defer=True,
-                                backend=backend)
-            return functional.dual_batch_norm_add_relu(
-                main.raw, short.raw, None, None, main.weight, main.bias, None, None,
-                short.weight, short.bias, True, 0.0, bn.eps, backend=backend)
-        residual = conv_bn_act(shortcut, shortcut_conv, shortcut_bn, None, recompute=recompute,
-                               backend=backend)
-    if shape is not None and not (isinstance(residual, Tensor) and residual.shape == shape):
-        y = conv_bn_act(input, conv, bn, None, recompute=recompute, backend=backend) + residual
-        return y if act is None else act(y)
-    return conv_bn_act(input, conv, bn, act, residual=residual, recompute=recompute,
-                       backend=backend)
-
-
-def _conv_output_shape(x: Any, conv: nn.Conv2d) -> tuple[int, int, int, int]:
-    return ops.conv_output_shape(x.shape, conv.weight.shape, conv.stride, conv.padding,
-                                 conv.dilation)
-
-
-# ------------------------------------------------------------------------------- the plan
-#
-# A plan is a list of steps, each producing one value; values are the forward's arguments
-# followed by the steps' results, and a step's arguments refer to earlier values by index.
-
-
-@dataclasses.dataclass(frozen=True)
-class _Ref:
-    """An argument that is the ``index``-th value of the plan."""
-
-    index: int
-
-
-def _load(arg: Any, values: list) -> Any:
-    """``arg`` with every :class:`_Ref` in it replaced by its value."""
-    if isinstance(arg, _Ref):
-        return values[arg.index]
-    if isinstance(arg, tuple):
-        items = tuple(_load(a, values) for a in arg)
-        return type(arg)(*items) if hasattr(arg, "_fields") else items
-    if isinstance(arg, list):
-        return [_load(a, values) for a in arg]
-    if isinstance(arg, dict):
-        return {k: _load(v, values) for k, v in arg.items()}
-    if isinstance(arg, slice):
-        return slice(_load(arg.start, values), _load(arg.stop, values), _load(arg.step, values))
-    return arg
-
-
-def _resolve(root: nn.Module, path: tuple[str, ...]) -> Any:
-    for name in path:
-        root = getattr(root, name)
-    return root
-
-
-def _act(root: nn.Module, path: Optional[tuple[str, ...]], functional_relu: bool):
-    if path is not None:
-        return _resolve(root, path)
-    return _RELU if functional_relu else None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Call:
-    """A node of the traced graph, run as it is: ``op`` is fx's (``call_module``,
-    ``call_function``, ``call_method``, ``get_attr``), ``target`` a module or attribute path,
-    a function or a method name."""
-
-    op: str
-    target: Any
-    args: tuple
-    kwargs: dict
-
-    def run(self, root: nn.Module, values: list, forward: "FusedForward") -> Any:
-        if self.op == "get_attr":
-            return _resolve(root, self.target)
-        args, kwargs = _load(self.args, values), _load(self.kwargs, values)
-        if self.op == "call_module":
-            return _resolve(root, self.target)(*args, **kwargs)
-        if self.op == "call_method":
-            return getattr(args[0], self.target)(*args[1:], **kwargs)
-        return self.target(*args, **kwargs)
-
-    def describe(self) -> str:
-        name = ".".join(self.target) if isinstance(self.target, tuple) else (
-            self.target if isinstance(self.target, str) else
-            getattr(self.target, "__name__", repr(self.target)))
-        return f"{self.op} {name}"
-
-
-@dataclasses.dataclass(frozen=True)
-class _FusedConv:
-    """``act(bn(conv(input)))`` as one :func:`resnet_fast.nn.conv_bn_act` call, handed on
-    deferred when ``defer``."""
-
-    input: _Ref
-    conv: tuple[str, ...]
-    bn: tuple[str, ...]
-    act: Optional[tuple[str, ...]]
-    functional_relu: bool
-    defer: bool
-
-    def run(self, root: nn.Module, values: list, forward: "FusedForward") -> Any:
-        return conv_bn_act(values[self.input.index], _resolve(root, self.conv),
-                           _resolve(root, self.bn), _act(root, self.act, self.functional_relu),
-                           defer=self.defer, recompute=forward.memory_efficient and not self.defer,
-                           backend=forward.backend)
-
-    def describe(self) -> str:
-        parts = [".".join(self.conv), ".".join(self.bn)]
-        parts += [".".join(self.act)] if self.act else ["relu"] if self.functional_relu else []
-        return "conv_bn_act " + " + ".join(parts) + (" (deferred)" if self.defer else "")
-
-
-@dataclasses.dataclass(frozen=True)
-class _FusedBlockEnd:
-    """``act(bn(conv(input)) + shortcut)``, the shortcut optionally ``conv -> BN`` itself, as
-    one :func:`block_end` call."""
-
-    input: _Ref
-    conv: tuple[str, ...]
-    bn: tuple[str, ...]
-    act: Optional[tuple[str, ...]]
-    functional_relu: bool
-    shortcut: _Ref
-    shortcut_conv: Optional[tuple[str, ...]]
-    shortcut_bn: Optional[tuple[str, ...]]
-
-    def run(self, root: nn.Module, values: list, forward: "FusedForward") -> Tensor:
-        short = (None, None) if self.shortcut_conv is None else (
-            _resolve(root, self.shortcut_conv), _resolve(root, self.shortcut_bn))
-        return block_end(values[self.input.index], _resolve(root, self.conv),
-                         _resolve(root, self.bn), _act(root, self.act, self.functional_relu),
-                         values[self.shortcut.index], *short,
-                         recompute=forward.memory_efficient, backend=forward.backend)
-
-    def describe(self) -> str:
-        parts = [".".join(self.conv), ".".join(self.bn)]
-        if self.shortcut_conv is not None:
-            parts.append(f"{'.'.join(self.shortcut_bn)}({'.'.join(self.shortcut_conv)})")
-        else:
-            parts.append("shortcut")
-        parts += [".".join(self.act)] if self.act else ["relu"] if self.functional_relu else []
-        return "block_end " + " + ".join(parts)
-
-
-_Step = Union[_Call, _FusedConv, _FusedBlockEnd]
-
-
-class FusedForward:
-    """The forward of ``module`` with its conv + BatchNorm (+ residual) (+ ReLU) chains fused:
-    installed as the module's instance attribute ``forward`` (see the module docstring).
-
-    ``inputs`` are the names of the forward's arguments; ``steps`` produce one value each, the
-    fused ones running resnet_fast's ops with ``backend`` (``None``: the default for the
-    input's device) and, when ``memory_efficient``, recomputing in backward the outputs of
-    the convs they do not hand on deferred; ``output`` is the returned structure.
-    """
-
-    def __init__(self, module: nn.Module, inputs: tuple[str, ...], steps: tuple[_Step, ...],
-                 output: Any, backend: Optional[str] = None,
-                 memory_efficient: bool = False) -> None:
-        self.module = module
-        self.inputs = inputs
-        self.steps = steps
-        self.output = output
-        self.backend = backend
-        self.memory_efficient = memory_efficient
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        values = list(args) if not kwargs and len(args) == len(self.inputs) else \
-            self._bind(args, kwargs)
-        root = self.module
-        for step in self.steps:
-            values.append(step.run(root, values, self))
-        return _load(self.output, values)
-
-    def _bind(self, args: tuple, kwargs: dict) -> list:
-        name = f"{type(self.module).__name__}.forward()"
-        if len(args) > len(self.inputs):
-            raise TypeError(f"{name} takes {len(self.inputs)} arguments, got {len(args)}")
-        values, kwargs = list(args), dict(kwargs)
-        for arg in self.inputs[len(args):]:
-            if arg not in kwargs:
-                raise TypeError(f"{name} missing argument {arg!r}")
-            values.append(kwargs.pop(arg))
-        if kwargs:
-            raise TypeError(f"{name} got unexpected arguments {sorted(kwargs)}")
-        return values
-
-    def __repr__(self) -> str:
-        fused = [s.describe() for s in self.steps if not isinstance(s, _Call)]
-        return (f"FusedForward({type(self.module).__name__}: {len(self.steps)} steps, "
-                f"{len(fused)} fused: {'; '.join(fused)})")
 
 
 # ------------------------------------------------------------------------------- tracing
@@ -321,7 +90,7 @@ class _Tracer(fx.Tracer):
         self.inlined: list[nn.Module] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if type(m) is nn.Sequential and not _has_hooks(m) and "forward" not in vars(m):
+        if type(m) is nn.Sequential and not has_hooks(m) and "forward" not in vars(m):
             self.inlined.append(m)
             return False
         return True
@@ -453,7 +222,7 @@ class _Matcher:
         for node in list(self.graph.nodes):
             m = self.module(node)
             source = _single_input(node)
-            if type(m) is nn.Identity and not _has_hooks(m) and source is not None:
+            if type(m) is nn.Identity and not has_hooks(m) and source is not None:
                 node.replace_all_uses_with(source)
                 self.graph.erase_node(node)
 
@@ -495,7 +264,7 @@ class _Matcher:
             self._note(user, f"{_label(user, m)} runs eagerly after the fused {fused} (only a "
                              f"plain nn.ReLU fuses)")
 
-    def build(self) -> tuple[tuple[str, ...], tuple[_Step, ...], Any, set[str]]:
+    def build(self) -> tuple[tuple[str, ...], tuple[Step, ...], Any, set[str]]:
         """``(inputs, steps, output, fused BatchNorm targets)`` of the unit's plan."""
         absorbed: set[fx.Node] = set()
         anchors: dict[fx.Node, dict] = {}  # the node whose value a fused step produces
@@ -529,11 +298,11 @@ class _Matcher:
 
         inputs: list[str] = []
         index: dict[fx.Node, int] = {}
-        steps: list[_Step] = []
+        steps: list[Step] = []
         output: Any = None
 
         def ref(arg):
-            return fx.node.map_arg(arg, lambda n: _Ref(index[n]))
+            return fx.node.map_arg(arg, lambda n: Ref(index[n]))
 
         for node in self.graph.nodes:
             if node.op == "placeholder":
@@ -552,7 +321,7 @@ class _Matcher:
                     raise _Refused(f"its forward calls {node.target!r}, which does not pickle")
                 target = tuple(node.target.split(".")) if node.op in (
                     "call_module", "get_attr") else node.target
-                steps.append(_Call(node.op, target, _plain(ref(node.args)),
+                steps.append(Call(node.op, target, _plain(ref(node.args)),
                                    _plain(ref(node.kwargs))))
             index[node] = len(inputs) + len(steps) - 1
         fused_bns = {spec[k].target for spec in anchors.values()
@@ -572,18 +341,18 @@ class _Matcher:
             absorbed.add(node)
             anchors[relu] = spec
 
-    def _fused_step(self, spec: dict, index: dict[fx.Node, int]) -> _Step:
+    def _fused_step(self, spec: dict, index: dict[fx.Node, int]) -> Step:
         def path(node):
             return None if node is None else tuple(node.target.split("."))
 
         act = spec["act"]
         act_path = path(act) if act is not None and act.op == "call_module" else None
         functional_relu = act is not None and act.op != "call_module"
-        common = dict(input=_Ref(index[spec["conv"].args[0]]), conv=path(spec["conv"]),
+        common = dict(input=Ref(index[spec["conv"].args[0]]), conv=path(spec["conv"]),
                       bn=path(spec["bn"]), act=act_path, functional_relu=functional_relu)
         if spec["kind"] == "conv":
-            return _FusedConv(**common, defer=spec["defer"])
-        return _FusedBlockEnd(**common, shortcut=_Ref(index[spec["shortcut"]]),
+            return FusedConv(**common, defer=spec["defer"])
+        return FusedBlockEnd(**common, shortcut=Ref(index[spec["shortcut"]]),
                               shortcut_conv=path(spec["shortcut_conv"]),
                               shortcut_bn=path(spec["shortcut_bn"]))
 

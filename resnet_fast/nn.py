@@ -7,7 +7,8 @@ whole chain as one :func:`resnet_fast.functional.conv_bn_relu` call, with ``nn.B
 own semantics: ``bn.training`` picks batch or running statistics, and the running statistics and
 ``num_batches_tracked`` update in place exactly when the module would update them.
 
-A :class:`resnet_fast.SyncBatchNorm` runs its own fused op after the conv (see
+:func:`block_end` does the same for the end of a residual block, the shortcut plain or itself a
+conv + BatchNorm. A :class:`resnet_fast.SyncBatchNorm` runs its own fused op after the conv (see
 :func:`conv_bn_act`). A layer that the fused op cannot express exactly (a conv with a non-zero
 ``padding_mode``, another norm layer that is not a plain ``nn.BatchNorm2d``, an activation
 other than ReLU, a module with forward hooks, which must still fire) runs its modules eagerly
@@ -18,16 +19,19 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-import torch
 from torch import Tensor, nn
 
 from resnet_fast import functional
-from resnet_fast.backends import BACKENDS, unavailable_reason
+from resnet_fast._conventions import conv_output_shape
+from resnet_fast.fused_module import FusedModule, has_hooks, validate_backend
+from resnet_fast.sync_batchnorm import is_fusable_sync_batch_norm
 
 __all__ = [
     "FusedModule",
     "conv_bn_act",
+    "block_end",
     "batch_norm_arguments",
+    "uses_batch_statistics",
     "is_fusable_conv",
     "is_fusable_batch_norm",
     "is_relu",
@@ -42,10 +46,6 @@ _BatchNorm = nn.modules.batchnorm._BatchNorm
 Activation = Optional[nn.Module]
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
 def is_fusable_conv(conv: Any) -> bool:
     """Whether ``conv`` is an ``nn.Conv2d`` whose forward the fused op reproduces exactly: the
     module's own forward (not overridden), zero padding given as numbers, no forward hooks."""
@@ -55,7 +55,7 @@ def is_fusable_conv(conv: Any) -> bool:
         and type(conv)._conv_forward is nn.Conv2d._conv_forward
         and conv.padding_mode == "zeros"
         and not isinstance(conv.padding, str)
-        and not _has_hooks(conv)
+        and not has_hooks(conv)
     )
 
 
@@ -65,14 +65,14 @@ def is_fusable_batch_norm(bn: Any) -> bool:
     return (
         isinstance(bn, nn.BatchNorm2d)
         and type(bn).forward is _BatchNorm.forward
-        and not _has_hooks(bn)
+        and not has_hooks(bn)
     )
 
 
 def is_relu(act: Any) -> bool:
     """Whether ``act`` is an ``nn.ReLU`` (in place or not) without hooks."""
     return (isinstance(act, nn.ReLU) and type(act).forward is nn.ReLU.forward
-            and not _has_hooks(act))
+            and not has_hooks(act))
 
 
 def batch_norm_arguments(bn: nn.BatchNorm2d) -> dict[str, Any]:
@@ -95,6 +95,12 @@ def batch_norm_arguments(bn: nn.BatchNorm2d) -> dict[str, Any]:
         "eps": bn.eps,
         "num_batches_tracked": bn.num_batches_tracked if tracking else None,
     }
+
+
+def uses_batch_statistics(bn: nn.Module) -> bool:
+    """Whether ``bn`` normalises with batch statistics, as ``nn.BatchNorm2d.forward`` decides:
+    in training, and in eval without running statistics."""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
 
 
 def _materialize(x: Any) -> Tensor:
@@ -126,9 +132,6 @@ def conv_bn_act(
     pass (:meth:`~resnet_fast.SyncBatchNorm.bn_act`, with the BatchNorm's own backend; nothing
     is deferred or recomputed).
     """
-    # Imported here: resnet_fast.sync_batchnorm builds on FusedModule, defined below.
-    from resnet_fast.sync_batchnorm import is_fusable_sync_batch_norm
-
     fused_act = act is None or is_relu(act)
     if fused_act and is_fusable_conv(conv) and is_fusable_sync_batch_norm(bn):
         return bn.bn_act(conv(_materialize(input)), residual, relu=act is not None)
@@ -155,6 +158,63 @@ def conv_bn_act(
     return out if fused_act else act(out)
 
 
+def block_end(
+    input: Union[Tensor, "functional.DeferredBatchNorm"],
+    conv: nn.Conv2d,
+    bn: nn.Module,
+    act: Activation,
+    shortcut: Tensor,
+    shortcut_conv: Optional[nn.Conv2d] = None,
+    shortcut_bn: Optional[nn.Module] = None,
+    *,
+    recompute: bool = False,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """``act(bn(conv(input)) + s)``, the end of a residual block, ``s`` being ``shortcut`` or,
+    with ``shortcut_conv`` and ``shortcut_bn``, ``shortcut_bn(shortcut_conv(shortcut))``.
+
+    ``act`` as in :func:`conv_bn_act` (a ReLU is fused, ``None`` is the identity, any other
+    module runs after the fused part). When both BatchNorms normalise with batch statistics
+    (training), ``act`` is a ReLU and both pairs are fusable, both convs stop before their
+    BatchNorm (their running statistics already updated) and one
+    :func:`~resnet_fast.functional.dual_batch_norm_add_relu` ends the block: the shortcut's
+    normalised activation is never written out or kept for backward. Otherwise the shortcut is
+    one fused conv + BatchNorm and the end one fused conv + BatchNorm + residual (+ ReLU).
+    ``recompute`` (``memory_efficient``) takes the second way, each conv recomputing its output
+    in backward instead of keeping it. A residual that is not of the conv output's shape (an
+    add that broadcasts) is added eagerly after the fused conv + BatchNorm.
+    """
+    fusable = is_fusable_conv(conv) and is_fusable_batch_norm(bn)
+    # A SyncBatchNorm takes the residual into its own fused pass after the conv: same shape.
+    sync = is_fusable_conv(conv) and is_fusable_sync_batch_norm(bn)
+    shape = _conv_output_shape(input, conv) if fusable or sync else None
+    if shortcut_conv is None:
+        residual = shortcut
+    else:
+        if (fusable and not recompute and is_relu(act) and is_fusable_conv(shortcut_conv)
+                and is_fusable_batch_norm(shortcut_bn) and uses_batch_statistics(bn)
+                and uses_batch_statistics(shortcut_bn) and bn.eps == shortcut_bn.eps
+                and _conv_output_shape(shortcut, shortcut_conv) == shape):
+            main = conv_bn_act(input, conv, bn, None, defer=True, backend=backend)
+            short = conv_bn_act(shortcut, shortcut_conv, shortcut_bn, None, defer=True,
+                                backend=backend)
+            return functional.dual_batch_norm_add_relu(
+                main.raw, short.raw, None, None, main.weight, main.bias, None, None,
+                short.weight, short.bias, True, 0.0, bn.eps, backend=backend)
+        residual = conv_bn_act(shortcut, shortcut_conv, shortcut_bn, None, recompute=recompute,
+                               backend=backend)
+    if shape is not None and not (isinstance(residual, Tensor) and residual.shape == shape):
+        y = conv_bn_act(input, conv, bn, None, recompute=recompute, backend=backend) + residual
+        return y if act is None else act(y)
+    return conv_bn_act(input, conv, bn, act, residual=residual, recompute=recompute,
+                       backend=backend)
+
+
+def _conv_output_shape(x: Any, conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    return conv_output_shape(x.shape, conv.weight.shape, conv.stride, conv.padding,
+                             conv.dilation)
+
+
 def check_input(x: Any, channels: int, owner: str) -> None:
     """Raises unless ``x`` is a 4-D ``(N, channels, H, W)`` tensor, naming the expected shape."""
     if not isinstance(x, Tensor):
@@ -163,48 +223,3 @@ def check_input(x: Any, channels: int, owner: str) -> None:
     if x.dim() != 4 or x.shape[1] != channels:
         raise ValueError(f"{owner} expects input of shape (N, {channels}, H, W), "
                          f"got {tuple(x.shape)}")
-
-
-def validate_backend(backend: Optional[str]) -> Optional[str]:
-    """``backend`` if it names a backend that can run on this machine, else a clear error.
-
-    ``None`` (the default for each tensor's device, or ``$RESNET_FAST_BACKEND``) is always
-    accepted. A known backend that cannot run on the CPU nor on an available GPU raises
-    ``RuntimeError`` with the reasons; whether it runs on the tensors a model is later given
-    is checked on each call, as for the functional ops.
-    """
-    if backend is None:
-        return None
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected None or one of "
-                         f"{', '.join(BACKENDS)}")
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    reasons = {d: unavailable_reason(backend, d) for d in devices}
-    if all(r is not None for r in reasons.values()):
-        detail = "; ".join(f"{d}: {r}" for d, r in reasons.items())
-        raise RuntimeError(f"backend {backend!r} cannot run on this machine ({detail})")
-    return backend
-
-
-class FusedModule(nn.Module):
-    """A module whose forward runs resnet_fast's fused ops with the backend it holds
-    (``None``: the default for the input's device), keeping less for backward when
-    ``memory_efficient`` (see :mod:`resnet_fast.models`)."""
-
-    backend: Optional[str] = None
-    memory_efficient: bool = False
-
-    def _set_on_fused_modules(self, name: str, value: Any) -> "FusedModule":
-        for m in self.modules():
-            if isinstance(m, FusedModule):
-                setattr(m, name, value)
-        return self
-
-    def set_backend(self, backend: Optional[str]) -> "FusedModule":
-        """Runs this module and every fused module inside it with ``backend``; returns self."""
-        return self._set_on_fused_modules("backend", validate_backend(backend))
-
-    def set_memory_efficient(self, enabled: bool = True) -> "FusedModule":
-        """Makes this module and every fused module inside it recompute, in backward, the conv
-        outputs that end its blocks instead of keeping them (or stops it); returns self."""
-        return self._set_on_fused_modules("memory_efficient", bool(enabled))

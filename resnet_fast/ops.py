@@ -51,13 +51,14 @@ deferred BatchNorm applied by a one-pass kernel before the conv and recomputed i
 from __future__ import annotations
 
 import importlib
-import threading
-import weakref
-from collections import OrderedDict
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from resnet_fast import folded_weights
+from resnet_fast._conventions import acc_dtype_of, conv_output_shape, memory_format_of
+from resnet_fast._extension import load_extension
 
 __all__ = [
     "bn_act",
@@ -69,28 +70,7 @@ __all__ = [
     "acc_dtype_of",
 ]
 
-
-def memory_format_of(x: Tensor) -> torch.memory_format:
-    """The dense layout a fused op computes in and returns: the input's own when it is dense in
-    NCHW or channels_last, else the one PyTorch suggests for it (a strided view is copied)."""
-    if x.is_contiguous():
-        return torch.contiguous_format
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.channels_last if x.dim() == 4 and x.stride(1) == 1 else torch.contiguous_format
-
-
-def acc_dtype_of(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-try:  # defines the ops (csrc/ops.cpp) and holds the cpu and cuda kernels
-    _C = importlib.import_module("resnet_fast._C")
-except ImportError as exc:
-    raise ImportError(
-        f"resnet_fast's compiled extension resnet_fast._C could not be imported ({exc}): it "
-        "defines the fused ops and holds the cpu kernels. Build it with "
-        "`pip install -e . --no-build-isolation` (or `make test`)") from exc
+_C = load_extension()  # defines the ops (csrc/ops.cpp) and holds the cpu and cuda kernels
 
 
 def _backend_kernels(backend: str):
@@ -220,18 +200,6 @@ def _bn_act_backward_fake(
 # --------------------------------------------------------------------------- conv + BN + act
 
 
-def conv_output_shape(input_shape: Sequence[int], weight_shape: Sequence[int],
-                      stride: Sequence[int], padding: Sequence[int],
-                      dilation: Sequence[int]) -> tuple[int, int, int, int]:
-    """``(N, Cout, Ho, Wo)`` of ``conv2d``; ``Ho`` or ``Wo`` below 1 means the input is too
-    small for the kernel."""
-    N, _, H, W = input_shape
-    Cout, _, kh, kw = weight_shape
-    Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return N, Cout, Ho, Wo
-
-
 def _conv_launcher(backend: str) -> Optional[Callable]:
     """The backend's fused conv launcher (``conv2d_bn_act`` contract: input normalisation on
     load, BatchNorm/residual/ReLU or statistics in the epilogue), or ``None`` for ``cpu``,
@@ -281,50 +249,26 @@ def _eval_stats(running_mean: Tensor, running_var: Tensor, eps: float) -> Tensor
 
 # oneDNN fuses conv + bias + (add) + ReLU on the CPU for these activation dtypes.
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
-# id(conv weight) -> (weak reference to it, cache key, (prepacked folded weight, folded bias));
-# an entry goes when its weight is freed, and the least recently used one when more than
-# ONEDNN_CACHE_SIZE weights are live. (Tensors cannot be weak dictionary keys: their == is
-# elementwise.) The lock is reentrant: a weight's finaliser can run, through the garbage
-# collector, while its own thread holds it.
-ONEDNN_CACHE_SIZE = 1024
-_ONEDNN_CACHE: "OrderedDict[int, tuple]" = OrderedDict()
-_ONEDNN_LOCK = threading.RLock()
-
-
-def _forget_weight(key: int) -> None:
-    with _ONEDNN_LOCK:
-        _ONEDNN_CACHE.pop(key, None)
-
 
 
 def _onednn_folded_weights(weight, conv_bias, batch_norm, input_shape, stride, padding,
                            dilation, groups, cache_key):
     """``(prepacked weight, bias, save_stats)``: the conv weight and bias with the BatchNorm
     folded in, the weight in oneDNN's blocked layout for ``input_shape``; ``batch_norm()`` gives
-    the ``(save_stats, scale, shift)`` to fold. Cached per ``weight`` under ``cache_key`` (the
-    storage and version of every parameter and statistic that went in), so a module folds and
-    packs once per parameter update, not per call."""
-    with _ONEDNN_LOCK:
-        cached = _ONEDNN_CACHE.get(id(weight)) if cache_key is not None else None
-        if cached is not None and cached[0]() is weight and cached[1] == cache_key:
-            _ONEDNN_CACHE.move_to_end(id(weight))
-            return cached[2]
-    save_stats, scale, shift = batch_norm()
-    folded_bias = shift if conv_bias is None else shift + conv_bias.to(scale.dtype) * scale
-    folded = (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(weight.dtype)
-    packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-        folded.to_mkldnn(), list(padding), list(stride), list(dilation), groups,
-        list(input_shape))
-    result = (packed, folded_bias.to(weight.dtype), save_stats)
-    if cache_key is not None:
-        with _ONEDNN_LOCK:
-            if cached is None or cached[0]() is not weight:
-                weakref.finalize(weight, _forget_weight, id(weight))
-            _ONEDNN_CACHE[id(weight)] = (weakref.ref(weight), cache_key, result)
-            _ONEDNN_CACHE.move_to_end(id(weight))
-            while len(_ONEDNN_CACHE) > ONEDNN_CACHE_SIZE:
-                _ONEDNN_CACHE.popitem(last=False)
-    return result
+    the ``(save_stats, scale, shift)`` to fold. Kept in :mod:`resnet_fast.folded_weights` per
+    ``weight`` under ``cache_key`` (the storage and version of every parameter and statistic
+    that went in), so a module folds and packs once per parameter update, not per call."""
+
+    def fold():
+        save_stats, scale, shift = batch_norm()
+        folded_bias = shift if conv_bias is None else shift + conv_bias.to(scale.dtype) * scale
+        folded = (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(weight.dtype)
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+            folded.to_mkldnn(), list(padding), list(stride), list(dilation), groups,
+            list(input_shape))
+        return packed, folded_bias.to(weight.dtype), save_stats
+
+    return folded_weights.cached(weight, cache_key, fold)
 
 
 def _prologue(in_weight: Optional[Tensor], in_bias: Optional[Tensor], in_stats: Optional[Tensor],
@@ -342,17 +286,6 @@ def _cpu_composite(backend: str, dtype: torch.dtype, batch_stats: bool, save_raw
     kernels in C++: in training, and in eval when backward needs the conv output or oneDNN's
     fused call does not take the dtype (otherwise eval is one folded oneDNN call)."""
     return backend == "cpu" and (batch_stats or save_raw or dtype not in _ONEDNN_DTYPES)
-
-
-def _version_key(*tensors: Optional[Tensor]):
-    """What identifies the values of ``tensors`` (storage and in-place version), or ``None``
-    where that cannot be told (inference tensors, tracing)."""
-    if torch.compiler.is_compiling():
-        return None
-    try:
-        return tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors)
-    except RuntimeError:  # inference tensors carry no version counter
-        return None
 
 
 def _conv_bn_act_forward(
@@ -413,7 +346,8 @@ def _conv_bn_act_forward(
                         out_shift=shift.contiguous(), residual=r, relu=relu)
         return out.contiguous(memory_format=fmt), empty(), save_stats, empty()
     if launch is None:  # cpu, not the composite: one oneDNN call
-        key = _version_key(weight, conv_bias, bn_weight, bn_bias, running_mean, running_var)
+        key = folded_weights.version_key(weight, conv_bias, bn_weight, bn_bias, running_mean,
+                                         running_var)
         packed, folded_bias, save_stats = _onednn_folded_weights(
             weight, conv_bias, eval_batch_norm, x.shape, *conv_args,
             cache_key=None if key is None else (key, eps, tuple(x.shape), *map(tuple, (

@@ -42,8 +42,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from resnet_fast import functional, ops, reference
+from resnet_fast._conventions import acc_dtype_of
 from resnet_fast.backends import resolve_backend
-from resnet_fast.nn import FusedModule, _has_hooks
+from resnet_fast.fused_module import FusedModule, has_hooks
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormWarning", "convert_sync_batchnorm",
            "is_fusable_sync_batch_norm", "adopt_sync_batch_norms"]
@@ -109,7 +110,7 @@ class _SyncBatchNormAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
                 momentum, eps, relu, group, backend):
-        acc = ops.acc_dtype_of(x.dtype)
+        acc = acc_dtype_of(x.dtype)
         local = _local_statistics(x)
         world = dist.get_world_size(group)
         gathered = local.new_empty((world * local.shape[0], local.shape[1]))
@@ -261,9 +262,9 @@ def is_fusable_sync_batch_norm(bn: Any, *, convertible: bool = False) -> bool:
     hooks; with ``convertible``, a plain ``nn.SyncBatchNorm`` (which :func:`resnet_fast.convert`
     turns into one) counts too."""
     if convertible and type(bn) is nn.SyncBatchNorm:
-        return not _has_hooks(bn)
+        return not has_hooks(bn)
     return (isinstance(bn, SyncBatchNorm) and type(bn).forward is SyncBatchNorm.forward
-            and not _has_hooks(bn))
+            and not has_hooks(bn))
 
 
 def adopt_sync_batch_norms(model: nn.Module) -> int:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from resnet_fast import functional, reference
-from resnet_fast.ops import acc_dtype_of, conv_output_shape
+from resnet_fast._conventions import acc_dtype_of, conv_output_shape
 
 __all__ = ["FLOOR", "Case", "Conv", "CaseResult", "check_case", "compare", "compare_over_draws", "summed_terms", "tolerance",
            "layout_mismatch", "STRIDED_QUANTITIES", "run_case", "OPS", "CONV_OPS", "LAYOUTS", "ALL_LAYOUTS"]

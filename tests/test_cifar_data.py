@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from resnet_fast.cli import UsageError
-from resnet_fast.cli.train import add_arguments, resolve_config
+from resnet_fast.cli.train import add_arguments
+from resnet_fast.cli.train_config import resolve_config
 from resnet_fast.cli.train_data import CIFAR, batch_generator, cifar_data, random_crop_flip
 from resnet_fast.cli.train_loop import EpochBatches
 from test_cli import ROOT, _env, _run

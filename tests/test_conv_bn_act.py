@@ -11,7 +11,7 @@ import pickle
 import pytest
 import torch
 
-from resnet_fast import functional, ops, reference
+from resnet_fast import folded_weights, functional, reference
 from resnet_fast.functional import DeferredBatchNorm
 from resnet_fast.verify import LAYOUTS, Case, Conv, check_case, tolerance
 
@@ -133,7 +133,7 @@ def test_eval_folds_and_packs_once_per_parameter_version(backend, device):
                                            backend="cpu")
 
     def packed_weight():
-        return ops._ONEDNN_CACHE[id(w)][2][0]
+        return folded_weights._CACHE[id(w)][2][0]
 
     first = run()
     packed = packed_weight()
@@ -152,9 +152,9 @@ def test_eval_folds_and_packs_once_per_parameter_version(backend, device):
     copy.deepcopy(conv)  # the cache lives beside the parameter, not on it
     pickle.dumps(conv)
     key = id(conv.weight)
-    assert key in ops._ONEDNN_CACHE
+    assert key in folded_weights._CACHE
     del conv
-    assert key not in ops._ONEDNN_CACHE
+    assert key not in folded_weights._CACHE
 
 
 def _chain(fn, x, p, defer, backend=None):

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resnet_fast import models, reference
+from resnet_fast import models, reference_models
 from resnet_fast.convert import convert
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
@@ -45,7 +45,7 @@ SIZE = 16  # the 8x8 digits, upsampled
 WINDOW = 25
 
 
-class NarrowResNet(reference.ResNet):
+class NarrowResNet(reference_models.ResNet):
     """The reference ResNet's forward over narrower modules of the same names: one BasicBlock
     per stage, widths 8-16-32-64, 1-channel input, torchvision's initialisation."""
 
@@ -60,9 +60,9 @@ class NarrowResNet(reference.ResNet):
             stride = 1 if i == 0 else 2
             downsample = None
             if stride != 1 or inplanes != planes:
-                downsample = nn.Sequential(reference.conv1x1(inplanes, planes, stride),
+                downsample = nn.Sequential(reference_models.conv1x1(inplanes, planes, stride),
                                            nn.BatchNorm2d(planes))
-            block = reference.BasicBlock(inplanes, planes, stride, downsample)
+            block = reference_models.BasicBlock(inplanes, planes, stride, downsample)
             setattr(self, f"layer{i + 1}", nn.Sequential(block))
             inplanes = planes
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resnet_fast import models, reference
+from resnet_fast import models, reference_models
 from resnet_fast.convert import ConvertWarning, convert
 from resnet_fast.nn import FusedModule
 
@@ -77,8 +77,9 @@ def _torchvision_standins():
     """Classes named and placed as torchvision.models.resnet's (subclasses of the reference
     ones, which have the same constructor and forward)."""
     tv = {}
-    for name, base in (("BasicBlock", reference.BasicBlock), ("Bottleneck", reference.Bottleneck),
-                       ("ResNet", reference.ResNet)):
+    for name, base in (("BasicBlock", reference_models.BasicBlock),
+                       ("Bottleneck", reference_models.Bottleneck),
+                       ("ResNet", reference_models.ResNet)):
         cls = types.new_class(name, (base,))
         cls.__module__ = "torchvision.models.resnet"
         # torchvision's classes define their own forward: give each class its own copy.
@@ -93,8 +94,8 @@ TV = _torchvision_standins()
 def _model(kind="reference", block="basic", **kwargs):
     kwargs = dict(num_classes=NUM_CLASSES, small_input=True, **kwargs)
     if kind == "reference":
-        blk = reference.BasicBlock if block == "basic" else reference.Bottleneck
-        return reference.ResNet(blk, [1, 1, 1, 1], **kwargs)
+        blk = reference_models.BasicBlock if block == "basic" else reference_models.Bottleneck
+        return reference_models.ResNet(blk, [1, 1, 1, 1], **kwargs)
     blk = TV["BasicBlock"] if block == "basic" else TV["Bottleneck"]
     return TV["ResNet"](blk, [1, 2, 1, 1], **kwargs)
 
@@ -224,37 +225,37 @@ class PreActBlock(nn.Module):
         return self.conv2(self.relu(self.bn2(out))) + x
 
 
-class SubclassedBlock(reference.BasicBlock):
+class SubclassedBlock(reference_models.BasicBlock):
     def forward(self, x):  # e.g. a stochastic-depth variant
         return super().forward(x) * 0.5
 
 
 def _resnet_d_block():
-    b = reference.BasicBlock(8, 16, 2, nn.Sequential(nn.AvgPool2d(2), reference.conv1x1(8, 16),
-                                                     nn.BatchNorm2d(16)))
+    b = reference_models.BasicBlock(8, 16, 2, nn.Sequential(
+        nn.AvgPool2d(2), reference_models.conv1x1(8, 16), nn.BatchNorm2d(16)))
     return b
 
 
 def _silu_block():
-    b = reference.BasicBlock(8, 8)
+    b = reference_models.BasicBlock(8, 8)
     b.relu = nn.SiLU()
     return b
 
 
 def _hooked_conv_block():
-    b = reference.BasicBlock(8, 8)
+    b = reference_models.BasicBlock(8, 8)
     b.conv1.register_forward_hook(lambda *a: None)
     return b
 
 
 def _reflect_pad_block():
-    b = reference.BasicBlock(8, 8)
+    b = reference_models.BasicBlock(8, 8)
     b.conv2.padding_mode = "reflect"
     return b
 
 
 def _group_norm_block():
-    b = reference.BasicBlock(8, 8)
+    b = reference_models.BasicBlock(8, 8)
     b.bn2 = nn.GroupNorm(2, 8)
     return b
 
@@ -276,7 +277,7 @@ def _group_norm_block():
 )
 def test_unrecognised_blocks_are_left_untouched_and_reported(make, reason):
     torch.manual_seed(0)
-    model = nn.Sequential(reference.BasicBlock(8, 8), make())
+    model = nn.Sequential(reference_models.BasicBlock(8, 8), make())
     odd_class = type(model[1])
     with pytest.warns(ConvertWarning, match=reason) as record:
         convert(model)
@@ -288,19 +289,19 @@ def test_unrecognised_blocks_are_left_untouched_and_reported(make, reason):
 
 
 def test_strict_changes_nothing_on_refusal():
-    model = nn.Sequential(reference.BasicBlock(8, 8), SEBlock(8))
+    model = nn.Sequential(reference_models.BasicBlock(8, 8), SEBlock(8))
     with pytest.raises(ValueError, match="not fused"):
         convert(model, strict=True)
-    assert type(model[0]) is reference.BasicBlock
+    assert type(model[0]) is reference_models.BasicBlock
 
 
 def test_resnet_with_overridden_forward_keeps_its_stem():
-    class Features(reference.ResNet):
+    class Features(reference_models.ResNet):
         def forward(self, x):
             return self.layer1(self.relu(self.bn1(self.conv1(x))))
 
     torch.manual_seed(0)
-    model = Features(reference.BasicBlock, [1, 1, 1, 1], num_classes=NUM_CLASSES,
+    model = Features(reference_models.BasicBlock, [1, 1, 1, 1], num_classes=NUM_CLASSES,
                      small_input=True)
     with pytest.warns(ConvertWarning, match="Features overrides forward"):
         convert(model)
@@ -321,7 +322,7 @@ def test_hooks_on_blocks_survive_and_fire():
 
 def test_converted_model_deepcopy_and_state_dict_to_fused_builder():
     torch.manual_seed(0)
-    model = _convert_quietly(reference.resnet18(num_classes=NUM_CLASSES, small_input=True))
+    model = _convert_quietly(reference_models.resnet18(num_classes=NUM_CLASSES, small_input=True))
     clone = copy.deepcopy(model)
     fresh = models.resnet18(num_classes=NUM_CLASSES, small_input=True)
     fresh.load_state_dict(model.state_dict())

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resnet_fast import graph_fusion
+from resnet_fast import graph_plan
 from resnet_fast.__main__ import main as cli_main
 from resnet_fast.convert import ConvertWarning, convert, eager_batch_norms
 
@@ -89,7 +89,28 @@ class DropPath(nn.Module):
 ATTN = {None: None, "se": SEModule, "eca": EcaModule}
 
 
-class BasicBlock(nn.Module):
+class _TimmBlock(nn.Module):
+    """What timm's BasicBlock and Bottleneck share after their last conv + BatchNorm: the
+    attention module (``se``), the drop path, the shortcut add and the last activation."""
+
+    def _init_end(self, channels, act, act_layer, attn_layer, downsample, drop_path):
+        self.se = None if attn_layer is None else attn_layer(channels)
+        setattr(self, act, act_layer(inplace=True))
+        self.downsample = downsample
+        self.drop_path = drop_path
+
+    def _end(self, x, shortcut, act):
+        if self.se is not None:
+            x = self.se(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        x += shortcut
+        return act(x)
+
+
+class BasicBlock(_TimmBlock):
     expansion = 1
 
     def __init__(self, inplanes, planes, stride=1, downsample=None, cardinality=1,
@@ -102,10 +123,7 @@ class BasicBlock(nn.Module):
         self.aa = nn.Identity()
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.se = None if attn_layer is None else attn_layer(planes)
-        self.act2 = act_layer(inplace=True)
-        self.downsample = downsample
-        self.drop_path = drop_path
+        self._init_end(planes, "act2", act_layer, attn_layer, downsample, drop_path)
 
     def forward(self, x):
         shortcut = x
@@ -116,18 +134,10 @@ class BasicBlock(nn.Module):
         x = self.aa(x)
         x = self.conv2(x)
         x = self.bn2(x)
-        if self.se is not None:
-            x = self.se(x)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        if self.downsample is not None:
-            shortcut = self.downsample(shortcut)
-        x += shortcut
-        x = self.act2(x)
-        return x
+        return self._end(x, shortcut, self.act2)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_TimmBlock):
     expansion = 4
 
     def __init__(self, inplanes, planes, stride=1, downsample=None, cardinality=1,
@@ -145,10 +155,7 @@ class Bottleneck(nn.Module):
         self.aa = nn.Identity()
         self.conv3 = nn.Conv2d(width, outplanes, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(outplanes)
-        self.se = None if attn_layer is None else attn_layer(outplanes)
-        self.act3 = act_layer(inplace=True)
-        self.downsample = downsample
-        self.drop_path = drop_path
+        self._init_end(outplanes, "act3", act_layer, attn_layer, downsample, drop_path)
 
     def forward(self, x):
         shortcut = x
@@ -162,15 +169,7 @@ class Bottleneck(nn.Module):
         x = self.aa(x)
         x = self.conv3(x)
         x = self.bn3(x)
-        if self.se is not None:
-            x = self.se(x)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        if self.downsample is not None:
-            shortcut = self.downsample(shortcut)
-        x += shortcut
-        x = self.act3(x)
-        return x
+        return self._end(x, shortcut, self.act3)
 
 
 def downsample_conv(cin, cout, stride):
@@ -376,7 +375,7 @@ def assert_same_step(fused, eager, x, target, rel=1e-9):
 
 def plans(model):
     return {n: vars(m)["forward"] for n, m in model.named_modules()
-            if isinstance(vars(m).get("forward"), graph_fusion.FusedForward)}
+            if isinstance(vars(m).get("forward"), graph_plan.FusedForward)}
 
 
 # ------------------------------------------------------------------------------- timm's ResNets
@@ -649,8 +648,8 @@ def test_the_parity_checks_catch_a_wrong_residual_and_a_relu_for_silu():
     x, target = make_input(size=16)
     check_policy(model, eager, x, target, torch.float32, train=False, backward=False)
     forward = plans(model)["layer1.0"]
-    forward.steps = tuple(dataclasses.replace(s, shortcut=graph_fusion._Ref(1))
-                          if isinstance(s, graph_fusion._FusedBlockEnd) else s
+    forward.steps = tuple(dataclasses.replace(s, shortcut=graph_plan.Ref(1))
+                          if isinstance(s, graph_plan.FusedBlockEnd) else s
                           for s in forward.steps)  # value 1: act1's output, not the input
     with pytest.raises(AssertionError, match="logits"):
         check_policy(model, eager, x, target, torch.float32, train=False, backward=False)
@@ -660,7 +659,7 @@ def test_the_parity_checks_catch_a_wrong_residual_and_a_relu_for_silu():
     convert_and_notes(model)
     forward = plans(model)["layer1.0"]
     forward.steps = tuple(dataclasses.replace(s, functional_relu=True)
-                          if isinstance(s, graph_fusion._FusedConv) else s
+                          if isinstance(s, graph_plan.FusedConv) else s
                           for s in forward.steps)
     with pytest.raises(AssertionError):
         assert_same_step(model, eager, x, target)

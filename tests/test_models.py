@@ -1,4 +1,4 @@
-"""The fused ResNet family against the eager reference models (resnet_fast.reference).
+"""The fused ResNet family against the eager reference models (resnet_fast.reference_models).
 
 Structure: every builder gives torchvision's parameter count, state_dict keys and shapes, module
 names and initialisation (full-size models, built on the meta device where no values are needed).
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resnet_fast import models, reference
+from resnet_fast import models, reference_models
 from resnet_fast.verify import compare, compare_over_draws
 
 ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
@@ -181,7 +181,7 @@ def check_policy(fused: nn.Module, eager: nn.Module, x: torch.Tensor, target: to
 def build(arch: str, **kwargs):
     """(fused model, its reference twin) for a builder name."""
     fused = getattr(models, arch)(**kwargs)
-    return fused, reference_twin(fused, lambda: getattr(reference, arch)(**kwargs))
+    return fused, reference_twin(fused, lambda: getattr(reference_models, arch)(**kwargs))
 
 
 def memory_efficient(pair):
@@ -196,7 +196,7 @@ def small_resnet(block: str, *, layers=(1, 1, 1, 1), **kwargs):
         blk = mod.BasicBlock if block == "basic" else mod.Bottleneck
         return mod.ResNet(blk, list(layers), **kwargs)
     fused = make(models)
-    return fused, reference_twin(fused, lambda: make(reference))
+    return fused, reference_twin(fused, lambda: make(reference_models))
 
 
 # ------------------------------------------------------------------------------- structure
@@ -208,7 +208,7 @@ def test_parameter_count_and_state_dict_match_torchvision(arch):
     reference model's state_dict keys, shapes and dtypes, in order."""
     with torch.device("meta"):
         fused = getattr(models, arch)()
-        ref = getattr(reference, arch)()
+        ref = getattr(reference_models, arch)()
     assert sum(p.numel() for p in fused.parameters()) == TORCHVISION_PARAMS[arch]
     fs, rs = fused.state_dict(), ref.state_dict()
     assert list(fs) == list(rs)
@@ -253,7 +253,7 @@ def test_initialisation_matches_reference_and_torchvision_rules():
     torch.manual_seed(0)
     fused = models.resnet18(num_classes=NUM_CLASSES)
     torch.manual_seed(0)
-    ref = reference.resnet18(num_classes=NUM_CLASSES)
+    ref = reference_models.resnet18(num_classes=NUM_CLASSES)
     for (k, a), b in zip(fused.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(a, b), k
     w = fused.layer3[0].conv2.weight
@@ -300,7 +300,7 @@ def test_weights_state_dict_and_path(tmp_path):
         for k, v in m.state_dict().items():
             assert torch.equal(v, state[k]), k
     # the reference models load the same way, and each loads the other's state_dict
-    r = reference.resnet18(weights=path)
+    r = reference_models.resnet18(weights=path)
     assert all(torch.equal(v, state[k]) for k, v in r.state_dict().items())
     with pytest.raises(ValueError, match="expected value 7 but got 3"):
         models.resnet18(weights=state, num_classes=3)
@@ -404,12 +404,12 @@ def _block_pair(kind: str, inplanes: int, planes: int, stride: int = 1, **kwargs
         downsample = None
         out = planes * blk.expansion
         if stride != 1 or inplanes != out:
-            downsample = nn.Sequential(reference.conv1x1(inplanes, out, stride),
+            downsample = nn.Sequential(reference_models.conv1x1(inplanes, out, stride),
                                        nn.BatchNorm2d(out))
         return randomize_batch_norms(blk(inplanes, planes, stride, downsample, **kwargs))
     torch.manual_seed(0)
     fused = make(models)
-    return fused, reference_twin(fused, lambda: make(reference))
+    return fused, reference_twin(fused, lambda: make(reference_models))
 
 
 BLOCKS = {

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import resnet_fast as rf
-from resnet_fast import models, reference
+from resnet_fast import models, reference_models
 from resnet_fast.verify import OPS, Case, Conv, check_case
 
 SPECIALS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "huge": 1e30}
@@ -94,7 +94,7 @@ def test_model_training_step_with_a_nan_input_is_nan_like_eager(memory_efficient
     torch.manual_seed(0)
     fused = models.resnet18(num_classes=4, small_input=True,
                             memory_efficient=memory_efficient).train()
-    eager = reference.resnet18(num_classes=4, small_input=True).train()
+    eager = reference_models.resnet18(num_classes=4, small_input=True).train()
     eager.load_state_dict(fused.state_dict())
     x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
     x[1, 0, 3, 3] = math.nan

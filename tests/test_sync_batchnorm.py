@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import resnet_fast as rf
-from resnet_fast import models, reference, sync_batchnorm
+from resnet_fast import models, reference, reference_models, sync_batchnorm
 from resnet_fast.cli.train_dist import free_port
 from resnet_fast.verify import compare
 
@@ -66,8 +66,8 @@ _COLLECTIVES = ("all_gather_into_tensor", "all_gather_single", "all_gather", "al
 
 
 def _eager_model(block: str) -> nn.Module:
-    blk = {"basic": reference.BasicBlock, "bottleneck": reference.Bottleneck}[block]
-    return reference.ResNet(blk, [1, 1, 1, 1], num_classes=NUM_CLASSES, small_input=True)
+    blk = {"basic": reference_models.BasicBlock, "bottleneck": reference_models.Bottleneck}[block]
+    return reference_models.ResNet(blk, [1, 1, 1, 1], num_classes=NUM_CLASSES, small_input=True)
 
 
 def _sync_model(block: str, how: str) -> nn.Module:

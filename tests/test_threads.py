@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resnet_fast import backends, models, ops
+from resnet_fast import backends, folded_weights, models
 
 THREADS = 4
 JOIN_TIMEOUT_S = 300
@@ -87,17 +87,17 @@ def test_eval_and_training_from_threads_match_one_thread():
         for name, value in expected_train[i].items():
             assert torch.equal(state[name], value), f"training thread {i}: {name}"
     sizes = backends.cache_sizes()
-    assert 0 < sizes["onednn_folded_weights"] <= ops.ONEDNN_CACHE_SIZE
+    assert 0 < sizes["onednn_folded_weights"] <= folded_weights.CACHE_SIZE
     assert sizes["resolved_backends"] <= 64
 
 
 def test_onednn_cache_evicts_past_its_bound(monkeypatch):
     """More live eval convs than the bound: the cache keeps the most recent ones, and every call
     still gives the same result as before eviction."""
-    monkeypatch.setattr(ops, "ONEDNN_CACHE_SIZE", 4)
+    monkeypatch.setattr(folded_weights, "CACHE_SIZE", 4)
     model = _model().eval()
     x = _inputs(0)[0]
     with torch.no_grad():
         first = model(x)
-        assert len(ops._ONEDNN_CACHE) <= 4
+        assert folded_weights.size() <= 4
         assert torch.equal(model(x), first)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import resnet_fast
-from resnet_fast.cli.train import Config
+from resnet_fast.cli.train_config import Config
 from resnet_fast.cli.train_data import epoch_batches, steps_per_epoch
 from resnet_fast.cli.train_dist import free_port
 from test_cifar_data import write_cifar

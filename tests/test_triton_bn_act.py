@@ -25,9 +25,10 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton", reason="Triton is not installed")
 
+from resnet_fast._conventions import acc_dtype_of  # noqa: E402
 from resnet_fast.triton import bn_act  # noqa: E402  (after the Triton check)
 from _triton_aot import (  # noqa: E402  (tests/_triton_aot.py)
-    TYPE_NAMES, aot_reports_of, _compile_spec, _cuobjdump, _resource_usage)
+    aot_reports_of, _compile_spec, _cuobjdump, _resource_usage)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda")
@@ -45,15 +46,11 @@ STATS_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-5, tor
 RESIDUAL_MODES = ("none", "add", "bn")
 
 
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def make_case(shape, dtype, channels_last, residual, seed=0):
     """Activation, residual, grad_out (dtype) and per-channel tensors (acc dtype), on DEVICE."""
     g = torch.Generator().manual_seed(seed)
     N, C, H, W = shape
-    acc = _acc(dtype)
+    acc = acc_dtype_of(dtype)
 
     def act(scale, shift):
         t = (torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift).to(dtype)
@@ -79,7 +76,7 @@ def make_case(shape, dtype, channels_last, residual, seed=0):
 def eager(case, residual, training, relu, dtype):
     """Eager PyTorch in ``dtype`` (per-channel tensors in its acc dtype, float64 for the
     reference): (out, stats per branch, new running per branch, gradients by name)."""
-    acc = _acc(dtype)
+    acc = acc_dtype_of(dtype)
     names = ["x", "weight", "bias"] + {
         "none": [], "add": ["residual"], "bn": ["residual", "residual_weight", "residual_bias"],
     }[residual]
@@ -147,7 +144,7 @@ def check_against_reference(shape, dtype, channels_last, residual, training, rel
                                                        torch.float64)
     e_out, _, e_running, e_grads = eager(case, residual, training, relu, dtype)
     branches = 2 if residual == "bn" else 1
-    acc = _acc(dtype)
+    acc = acc_dtype_of(dtype)
 
     assert out.dtype == dtype and out.shape == case["x"].shape
     assert out.stride() == case["x"].stride()
@@ -287,7 +284,7 @@ def _launches(shape, channels_last, dtype):
     x = torch.empty(shape, dtype=dtype, device="meta")
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    acc = _acc(dtype)
+    acc = acc_dtype_of(dtype)
     pc = [torch.empty(shape[1], dtype=acc, device="meta") for _ in range(8)]
     for training in AOT_TRAINING:
         _, save_stats, _ = bn_act.forward(x, pc[0], pc[1], pc[2], pc[3], torch.empty_like(x),

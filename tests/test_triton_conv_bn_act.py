@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton", reason="Triton is not installed")
 
+from resnet_fast._conventions import acc_dtype_of, conv_output_shape  # noqa: E402
 from resnet_fast.triton import conv_bn_act  # noqa: E402  (after the Triton check)
 from resnet_fast.triton.conv_bn_act import conv2d_bn_act  # noqa: E402
 from _triton_aot import (  # noqa: E402  (tests/_triton_aot.py)
@@ -43,10 +44,6 @@ needs_kernels = pytest.mark.skipif(
 
 # Absolute floor of the tolerance, per dtype of the activations (as tests/test_triton_bn_act.py).
 FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +63,7 @@ def make_case(x_shape, cout, kernel, groups=1, stride=1, padding=0, dilation=1, 
     "channels_last" or "sliced" (a strided view of a larger tensor)."""
     g = torch.Generator().manual_seed(seed)
     N, cin, H, W = x_shape
-    acc = _acc(dtype)
+    acc = acc_dtype_of(dtype)
     pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
     stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
     kh, kw = pair(kernel)
@@ -86,8 +83,8 @@ def make_case(x_shape, cout, kernel, groups=1, stride=1, padding=0, dilation=1, 
         return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
 
     fan_in = cin // groups * kh * kw
-    ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    _, _, ho, wo = conv_output_shape(x_shape, (cout, cin // groups, kh, kw), stride, padding,
+                                     dilation)
     case = dict(
         x=activation(x_shape),
         weight=rand(cout, cin // groups, kh, kw, scale=fan_in ** -0.5),
@@ -111,7 +108,7 @@ def eager(case, dtype):
     """(y, acc) by eager PyTorch in ``dtype``: the prologue in the accumulation dtype rounded to
     ``dtype``, F.conv2d in ``dtype`` (acc = its output, bias included), the epilogue in the
     accumulation dtype on acc, y rounded to ``dtype``. With float64 it is the reference."""
-    acc_t = _acc(dtype)
+    acc_t = acc_dtype_of(dtype)
     kw = case["kwargs"]
     a = case["x"].to(acc_t)
     if "in_scale" in kw:
@@ -166,7 +163,7 @@ def check(case):
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert_within_policy("y", y, e_y, ref_y, dtype)
     if case["kwargs"]["stats"]:
-        assert stats.shape == (2, ref_y.shape[1]) and stats.dtype == _acc(dtype)
+        assert stats.shape == (2, ref_y.shape[1]) and stats.dtype == acc_dtype_of(dtype)
         e_stats = batch_stats(e_acc)
         ref_stats = batch_stats(ref_acc)
         assert_within_policy("mean", stats[0], e_stats[0], ref_stats[0], dtype)
@@ -445,7 +442,7 @@ AOT_VARIANTS = {
 
 def _aot_launch(layer, dtype, variant, config):
     """(arguments, constexprs) of the kernel launch for one layer (3x3, stride 1, padding 1)."""
-    acc = _acc(dtype)
+    acc = acc_dtype_of(dtype)
     N, cin, cout, H, groups = (layer[k] for k in ("N", "Cin", "Cout", "H", "groups"))
     act = torch.empty(16, dtype=dtype, device="meta")
     per_channel = torch.empty(16, dtype=acc, device="meta")

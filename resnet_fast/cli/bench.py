@@ -1,19 +1,17 @@
 """``python -m resnet_fast bench``: model benchmarks, and ``--ops`` for the per-op ones.
 
-The measuring code is the repository's ``benchmarks/bench_model.py`` (also a script), loaded
-by path from the ``benchmarks/`` folder beside this package; ``bench`` takes its options
-(``python -m resnet_fast bench --help``). ``bench --ops`` runs the per-op benchmark scripts
+The measuring code is :mod:`resnet_fast.model_bench` (``benchmarks/bench_model.py`` is a thin
+script around it); ``bench`` takes its options (``python -m resnet_fast bench --help``).
+``bench --ops`` runs the per-op benchmark scripts of the repository
 (``benchmarks/bench_bn_act.py``, ``benchmarks/bench_conv_bn_act.py``) in subprocesses, with a
-short setting under ``--quick``, and reports the plots they wrote.
-
-An installed resnet_fast without the repository has no ``benchmarks/``: ``bench`` then says so
-(exit status 2).
+short setting under ``--quick``, and reports the plots they wrote; an installed resnet_fast
+without the repository has no ``benchmarks/``, and ``bench --ops`` then says so (exit status 2).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import shlex
 import subprocess
 import sys
@@ -25,13 +23,6 @@ from resnet_fast.cli import UsageError, check_writable_dir
 
 OP_SCRIPTS = ("bench_bn_act.py", "bench_conv_bn_act.py")
 
-# Options for a per-op script that has no --quick of its own, under bench --ops --quick.
-_QUICK_FALLBACK = {
-    "bench_bn_act.py": ["--shapes", "8x64x16x16;8x256x8x8;8x512x4x4", "--layouts",
-                        "channels_last", "--reps", "3"],
-}
-
-
 def benchmarks_dir() -> Path:
     """``benchmarks/`` of the repository this resnet_fast was imported from."""
     import resnet_fast
@@ -39,27 +30,10 @@ def benchmarks_dir() -> Path:
     return Path(resnet_fast.__file__).resolve().parent.parent / "benchmarks"
 
 
-def _missing_message(path: Path) -> str:
-    return (f"{path} not found: `bench` runs the repository's benchmarks/ scripts, which an "
-            "installed resnet_fast does not carry; run it from a checkout of the repository "
-            "(pip install -e . there)")
-
-
 def load_bench_model() -> ModuleType:
-    """``benchmarks/bench_model.py``, imported by path (its folder goes on ``sys.path`` for
-    the helpers it shares with the other benchmarks)."""
-    path = benchmarks_dir() / "bench_model.py"
-    if not path.is_file():
-        raise UsageError(_missing_message(path))
-    if "bench_model" in sys.modules:
-        return sys.modules["bench_model"]
-    if str(path.parent) not in sys.path:
-        sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location("bench_model", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_model"] = module
-    spec.loader.exec_module(module)
-    return module
+    """:mod:`resnet_fast.model_bench`, imported only when ``bench`` runs (it imports the models
+    and the timing code)."""
+    return importlib.import_module("resnet_fast.model_bench")
 
 
 def add_arguments(p: argparse.ArgumentParser, bench_model: Optional[ModuleType]) -> None:
@@ -72,11 +46,9 @@ def add_arguments(p: argparse.ArgumentParser, bench_model: Optional[ModuleType])
 
 def _script_args(script: Path, args, out: Path) -> list[str]:
     """The options a per-op script gets: the device, the output folder and, under --quick,
-    its own --quick (or a short setting for a script without one) and a ``<device>_quick``
-    tag, so that a quick run does not overwrite the full results."""
+    its own --quick and a ``<device>_quick`` tag, so that a quick run does not overwrite the
+    full results."""
     import torch
-
-    import resnet_fast
 
     source = script.read_text(errors="replace")
     kind = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,11 +61,6 @@ def _script_args(script: Path, args, out: Path) -> list[str]:
     if args.quick:
         if '"--quick"' in source:
             extra.append("--quick")
-        elif script.name in _QUICK_FALLBACK:
-            # no torch.compile (its compilation alone takes minutes) nor Triton's interpreter
-            fused = [b for b in resnet_fast.available_backends(kind)
-                     if b != "reference" and not (b == "triton" and kind == "cpu")]
-            extra += _QUICK_FALLBACK[script.name] + ["--providers", ",".join(["eager", *fused])]
         tag = tag or f"{kind}_quick"
     if tag and '"--tag"' in source:
         extra += ["--tag", tag]
@@ -103,7 +70,9 @@ def _script_args(script: Path, args, out: Path) -> list[str]:
 def run_ops(args) -> int:
     here = benchmarks_dir()
     if not here.is_dir():
-        raise UsageError(_missing_message(here))
+        raise UsageError(f"{here} not found: `bench --ops` runs the repository's benchmarks/ "
+                         "scripts, which an installed resnet_fast does not carry; run it from a "
+                         "checkout of the repository (pip install -e . there)")
     out = check_writable_dir(args.out)
     failed = 0
     for name in OP_SCRIPTS:

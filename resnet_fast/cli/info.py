@@ -10,11 +10,12 @@ environment variables that change the choice of backend. ``--json`` writes the s
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
 import sys
+
+from resnet_fast.timing import cpu_name
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,23 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write the information to this file ('-' for stdout only)")
 
 
-def cpu_name() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform reports."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def collect() -> dict:
     import torch
 
     import resnet_fast
     from resnet_fast import backends
+    from resnet_fast._extension import load_extension
 
     info: dict = {}
     try:
@@ -84,7 +74,7 @@ def collect() -> dict:
 
     ext: dict = {}
     try:
-        C = importlib.import_module("resnet_fast._C")
+        C = load_extension()
     except ImportError as exc:
         ext["error"] = f"cannot import resnet_fast._C: {exc}"
     else:

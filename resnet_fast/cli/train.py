@@ -30,10 +30,10 @@ Data (``--data``, :mod:`resnet_fast.cli.train_data`):
     normalised per channel with the training set's mean and std. ``--size`` defaults to 32,
     and the small-input stem is the default at any size.
 
-``--compare-eager`` trains the eager model of :mod:`resnet_fast.reference` beside the fused one,
-from the same initial weights on the same batches in the same order (the two take turns, step by
-step), and writes a loss-curve plot of both and a summary: each one's final test accuracy and
-images/s, and their ratio.
+``--compare-eager`` trains the eager model of :mod:`resnet_fast.reference_models` beside the
+fused one, from the same initial weights on the same batches in the same order (the two take
+turns, step by step), and writes a loss-curve plot of both and a summary: each one's final test
+accuracy and images/s, and their ratio.
 
 Several processes (:mod:`resnet_fast.cli.train_dist`): ``--nproc-per-node N`` starts N
 processes on this machine through torchrun's machinery, and a process that torchrun started
@@ -63,28 +63,18 @@ model), ``summary.json``, and ``loss_curve.png`` (:mod:`resnet_fast.cli.train_re
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import random
 from pathlib import Path
-from typing import Optional
 
 from resnet_fast.cli import (DEVICES, MODELS, UsageError, check_backend, check_device,
-                             check_input_size, check_writable_dir, parse_size)
+                             check_input_size, check_writable_dir)
 from resnet_fast.cli.train_checkpoint import (check_world_size, load_checkpoint,
                                               process_rng_state, set_rng_state)
-from resnet_fast.cli.train_data import (DATA_CHOICES, check_data_spec, default_size,
-                                        default_small_input, derived_seed, load_data,
-                                        steps_per_epoch)
+from resnet_fast.cli.train_config import Config, resolve_config
+from resnet_fast.cli.train_data import DATA_CHOICES, derived_seed, load_data, steps_per_epoch
 from resnet_fast.cli.train_dist import from_env, launch, start
 from resnet_fast.cli.train_loop import Plan, fit, make_run
-
-# Settings that fix what a checkpoint continues: on --resume, those not given come from the
-# checkpoint and those given must match it.
-DEFAULTS = dict(model="resnet18", data="digits", size=None, small_input=None, epochs=1,
-                batch=64, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine", seed=0,
-                compare_eager=False, amp=False, amp_dtype=None, fake_samples=512,
-                test_fraction=0.2, sync_bn=False)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -143,58 +133,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dist-timeout", type=float, default=600, metavar="SECONDS",
                    help="with several processes, a collective waiting longer than this fails "
                         "(default: 600)")
-
-
-# --------------------------------------------------------------------------------------------
-# Settings
-# --------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Config:
-    model: str
-    data: str
-    size: tuple
-    small_input: bool
-    epochs: int
-    batch: int
-    lr: float
-    momentum: float
-    weight_decay: float
-    schedule: str
-    seed: int
-    compare_eager: bool
-    amp: bool
-    amp_dtype: Optional[str]
-    fake_samples: int
-    test_fraction: float
-    sync_bn: bool
-
-
-def resolve_config(args, checkpoint: Optional[dict]) -> Config:
-    """The run's settings: given options, else the checkpoint's (on --resume), else defaults.
-    A given option that differs from the checkpoint's is an error."""
-    saved = dict(checkpoint["config"]) if checkpoint else {}
-    if saved:
-        saved["size"] = tuple(saved["size"])
-    values = {}
-    for key, default in DEFAULTS.items():
-        given = getattr(args, key)
-        if key == "size" and given is not None:
-            given = parse_size(given)
-        was = saved.get(key, default)
-        if saved and given is not None and given != was:
-            shown = "x".join(map(str, given)) if key == "size" else given
-            was = "x".join(map(str, was)) if key == "size" else was
-            flag = "--" + key.replace("_", "-")
-            raise UsageError(f"{flag} {shown} differs from the checkpoint's ({was}); resume "
-                             f"with the same value or leave {flag} out")
-        values[key] = given if given is not None else saved.get(key, default)
-    values["data"] = check_data_spec(values["data"])
-    if values["size"] is None:
-        values["size"] = default_size(values["data"])
-    if values["small_input"] is None:
-        values["small_input"] = default_small_input(values["data"], values["size"])
-    return Config(**values)
 
 
 def _validate(cfg: Config, args, device: str, world: int) -> None:
@@ -321,7 +259,7 @@ def run(args) -> int:
     world, rank, local_rank = launched or (1, 0, 0)
     cfg, checkpoint, device, data, out, ckpt_path = prepare(args, world)
     dist = start(world, rank, local_rank, device, args.dist_timeout)
-    from resnet_fast import models, reference
+    from resnet_fast import models, reference_models
     from resnet_fast.backends import resolve_backend
 
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
@@ -333,7 +271,7 @@ def run(args) -> int:
     initial = {k: v.clone() for k, v in fused.state_dict().items()}
     modules = [("fused", fused)]
     if cfg.compare_eager:
-        eager = getattr(reference, cfg.model)(num_classes=num_classes,
+        eager = getattr(reference_models, cfg.model)(num_classes=num_classes,
                                               small_input=cfg.small_input)
         eager.load_state_dict(initial)
         modules.append(("eager", eager))

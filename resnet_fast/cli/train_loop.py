@@ -25,7 +25,7 @@ from resnet_fast.cli.train_dist import Dist
 from resnet_fast.cli.train_report import write_outputs
 
 if TYPE_CHECKING:
-    from resnet_fast.cli.train import Config
+    from resnet_fast.cli.train_config import Config
 
 
 @dataclasses.dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from resnet_fast.cli.train import Config
+    from resnet_fast.cli.train_config import Config
 
 
 def write_outputs(runs: list, out: Path, cfg: Config, device: str, backend: str,

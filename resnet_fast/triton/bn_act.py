@@ -62,12 +62,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from resnet_fast.ops import acc_dtype_of
+from resnet_fast._conventions import acc_dtype_of, residual_mode
 
 __all__ = ["BnActConfig", "pick_config", "forward", "backward"]
 
-# RESIDUAL_MODE of the kernels: r_term = 0, r, or (r - r_mean) * r_scale + r_b.
-NO_RESIDUAL, ADD_RESIDUAL, BN_RESIDUAL = 0, 1, 2
+# RESIDUAL_MODE of the kernels (resnet_fast._conventions.residual_mode): r_term = 0 (0), r (1),
+# or (r - r_mean) * r_scale + r_b (2).
 
 
 # --------------------------------------------------------------------------- tile helpers
@@ -674,12 +674,6 @@ def _geometry(x: Tensor, cfg: BnActConfig):
     return (C, H * W, N * H * W, cfg.row_tiles_per_n, cfg.num_row_tiles, cfg.tiles_per_program)
 
 
-def _residual_mode(residual: Optional[Tensor], residual_bn: bool) -> int:
-    if residual is None:
-        return NO_RESIDUAL
-    return BN_RESIDUAL if residual_bn else ADD_RESIDUAL
-
-
 def launch_fwd_stats(x: Tensor, residual: Optional[Tensor], residual_bn: bool,
                      cfg: BnActConfig) -> Tensor:
     """Partial pivot-shifted sums [row programs, 2 or 4, C] of x (and the residual)."""
@@ -719,7 +713,7 @@ def launch_fwd_apply(x, weight, bias, running_mean, running_var, residual, resid
             new_running if track else save_stats,
             *_geometry(x, cfg), 0 if partials is None else partials.shape[0],
             float(eps), float(momentum),
-            CHANNELS_LAST=cfg.channels_last, RESIDUAL_MODE=_residual_mode(residual, residual_bn),
+            CHANNELS_LAST=cfg.channels_last, RESIDUAL_MODE=residual_mode(residual, residual_bn),
             TRAINING=training, TRACK_RUNNING=track, RELU=relu,
             BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, PARTIAL_CHUNK=cfg.partial_chunk)
     return out, save_stats, new_running
@@ -735,7 +729,7 @@ def launch_bwd_reduce(grad_out, x, weight, bias, residual, residual_weight, resi
             grad_out, x, x if residual is None else residual, weight, bias,
             residual_weight if residual_bn else weight, residual_bias if residual_bn else bias,
             save_stats, partials, *_geometry(x, cfg),
-            CHANNELS_LAST=cfg.channels_last, RESIDUAL_MODE=_residual_mode(residual, residual_bn),
+            CHANNELS_LAST=cfg.channels_last, RESIDUAL_MODE=residual_mode(residual, residual_bn),
             RELU=relu, BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c)
     return partials
 
@@ -764,7 +758,7 @@ def launch_bwd_apply(grad_out, x, weight, bias, residual, residual_weight, resid
             grad_residual_weight if residual_bn else grad_weight,
             grad_residual_bias if residual_bn else grad_bias,
             *_geometry(x, cfg), partials.shape[0],
-            CHANNELS_LAST=cfg.channels_last, RESIDUAL_MODE=_residual_mode(residual, residual_bn),
+            CHANNELS_LAST=cfg.channels_last, RESIDUAL_MODE=residual_mode(residual, residual_bn),
             BATCH_STATS=training, RELU=relu,
             BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, PARTIAL_CHUNK=cfg.partial_chunk)
     return (grad_input, grad_weight, grad_bias, grad_residual, grad_residual_weight,

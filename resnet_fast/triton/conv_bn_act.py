@@ -70,7 +70,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from resnet_fast.ops import acc_dtype_of
+from resnet_fast._conventions import acc_dtype_of, conv_output_shape
 from resnet_fast.triton.bn_act import relu_keep_nan
 
 __all__ = ["CONV_CONFIGS", "INTERPRETER_CONFIG", "conv2d_bn_act"]
@@ -283,10 +283,6 @@ def _check_per_channel(t: Optional[Tensor], name: str, size: int, acc: torch.dty
     return t.contiguous()
 
 
-def _output_size(size, pad, dil, k, stride):
-    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
-
-
 def _on_device_of(x: Tensor):
     """Triton launches on the current CUDA device: make it x's."""
     if x.is_cuda and x.device.index != torch.cuda.current_device():
@@ -360,8 +356,7 @@ def conv2d_bn_act(x: Tensor, weight: Tensor, conv_bias: Optional[Tensor], stride
         raise ValueError(f"weight's {Cout} output channels are not divisible by groups={groups}")
     if KH < 1 or KW < 1 or Cout < 1:
         raise ValueError(f"weight must have a positive size, got {tuple(weight.shape)}")
-    Ho = _output_size(H, ph, dh, KH, sh_)
-    Wo = _output_size(W, pw, dw, KW, sw_)
+    _, _, Ho, Wo = conv_output_shape(x.shape, weight.shape, (sh_, sw_), (ph, pw), (dh, dw))
     if Ho < 1 or Wo < 1:
         raise ValueError(f"x's {H}x{W} image (padding {ph, pw}) is smaller than the "
                          f"{KH}x{KW} kernel at dilation {dh, dw}: output {Ho}x{Wo}")
