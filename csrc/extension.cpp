@@ -45,9 +45,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Gradients of conv_bn_act_forward_cpu", py::arg("grad_out"), py::arg("input"),
         py::arg("weight"), py::arg("has_conv_bias"), py::arg("stride"), py::arg("padding"),
         py::arg("dilation"), py::arg("groups"), py::arg("in_weight"), py::arg("in_bias"),
-        py::arg("in_stats"), py::arg("in_batch_stats"), py::arg("in_relu"),
-        py::arg("bn_weight"), py::arg("bn_bias"), py::arg("residual"), py::arg("raw"),
-        py::arg("save_stats"), py::arg("batch_stats"), py::arg("relu"), py::arg("defer"));
+        py::arg("in_stats"), py::arg("in_relu"), py::arg("bn_weight"), py::arg("bn_bias"),
+        py::arg("residual"), py::arg("raw"), py::arg("save_stats"), py::arg("batch_stats"),
+        py::arg("relu"), py::arg("defer"), py::arg("input_grad"));
 #ifdef RESNET_FAST_WITH_CUDA
   resnet_fast::register_cuda_bindings(m);
   resnet_fast::register_conv_cuda_bindings(m);

@@ -53,15 +53,15 @@ using BnActBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tens
     const OptTensor&, const OptTensor&, const Tensor&, bool, bool, bool, c10::string_view);
 using ConvBnActSig = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const OptTensor&, at::IntArrayRef, at::IntArrayRef,
-    at::IntArrayRef, int64_t, const OptTensor&, const OptTensor&, const OptTensor&, bool, bool,
+    at::IntArrayRef, int64_t, const OptTensor&, const OptTensor&, const OptTensor&, bool,
     const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
     const OptTensor&, bool, double, double, bool, bool, bool, bool, c10::string_view);
 using ConvBnActBackwardSig =
     std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
         const Tensor&, const Tensor&, const Tensor&, const OptTensor&, at::IntArrayRef,
         at::IntArrayRef, at::IntArrayRef, int64_t, const OptTensor&, const OptTensor&,
-        const OptTensor&, bool, bool, const OptTensor&, const OptTensor&, const OptTensor&,
-        const Tensor&, const Tensor&, bool, bool, bool, c10::string_view);
+        const OptTensor&, bool, const OptTensor&, const OptTensor&, const OptTensor&,
+        const Tensor&, const Tensor&, bool, bool, bool, bool, c10::string_view);
 
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
@@ -147,7 +147,7 @@ struct ConvBnActFunction : public torch::autograd::Function<ConvBnActFunction> {
       AutogradContext* ctx, const Tensor& input, const Tensor& weight,
       const OptTensor& conv_bias, at::IntArrayRef stride, at::IntArrayRef padding,
       at::IntArrayRef dilation, int64_t groups, const OptTensor& in_weight,
-      const OptTensor& in_bias, const OptTensor& in_stats, bool in_batch_stats, bool in_relu,
+      const OptTensor& in_bias, const OptTensor& in_stats, bool in_relu,
       const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean,
       const OptTensor& running_var, const OptTensor& num_batches_tracked,
       const OptTensor& residual, bool batch_stats, double momentum, double eps, bool relu,
@@ -158,7 +158,7 @@ struct ConvBnActFunction : public torch::autograd::Function<ConvBnActFunction> {
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(out, raw, save_stats) =
           op.call(input, weight, conv_bias, stride, padding, dilation, groups, in_weight,
-                  in_bias, in_stats, in_batch_stats, in_relu, bn_weight, bn_bias, running_mean,
+                  in_bias, in_stats, in_relu, bn_weight, bn_bias, running_mean,
                   running_var, num_batches_tracked, residual, batch_stats, momentum, eps, relu,
                   defer, save_raw, recompute, backend);
     }
@@ -173,18 +173,21 @@ struct ConvBnActFunction : public torch::autograd::Function<ConvBnActFunction> {
     data["padding"] = padding.vec();
     data["dilation"] = dilation.vec();
     data["groups"] = groups;
-    data["in_batch_stats"] = in_batch_stats;
     data["in_relu"] = in_relu;
     data["batch_stats"] = batch_stats;
     data["relu"] = relu;
     data["defer"] = defer;
+    // The input side (the conv's data gradient, the input BatchNorm's) only where it is wanted:
+    // not for a network's first conv, whose input is the data.
+    const auto wants_grad = [](const OptTensor& t) { return t.has_value() && t->requires_grad(); };
+    data["input_grad"] = input.requires_grad() || wants_grad(in_weight) || wants_grad(in_bias);
     data["backend"] = backend;
     return {out, raw, save_stats};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     static const auto op = op_handle<ConvBnActBackwardSig>("resnet_fast::conv_bn_act_backward");
-    variable_list grads(26);
+    variable_list grads(25);
     if (!grad_outputs[0].defined()) return grads;  // the output did not reach the loss
     const variable_list saved = ctx->get_saved_variables();
     const Tensor &input = saved[0], &weight = saved[1], &conv_bias = saved[2];
@@ -198,19 +201,18 @@ struct ConvBnActFunction : public torch::autograd::Function<ConvBnActFunction> {
     auto [gi, gw, gcb, giw, gib, gbw, gbb, gr] =
         op.call(grad_outputs[0], input, weight, given(conv_bias), stride, padding, dilation,
                 data["groups"].toInt(), given(in_weight), given(in_bias), given(in_stats),
-                data["in_batch_stats"].toBool(), data["in_relu"].toBool(), given(bn_weight),
-                given(bn_bias), given(residual), saved[9], saved[10],
-                data["batch_stats"].toBool(), data["relu"].toBool(), defer,
-                data["backend"].toStringRef());
+                data["in_relu"].toBool(), given(bn_weight), given(bn_bias), given(residual),
+                saved[9], saved[10], data["batch_stats"].toBool(), data["relu"].toBool(), defer,
+                data["input_grad"].toBool(), data["backend"].toStringRef());
     grads[0] = grad_for(input, gi);
     grads[1] = grad_for(weight, gw);
     grads[2] = grad_for(conv_bias, gcb);
     grads[7] = grad_for(in_weight, giw);
     grads[8] = grad_for(in_bias, gib);
     // Deferred, the BatchNorm's parameters get their gradients from the conv normalising on load.
-    grads[12] = defer ? Tensor() : grad_for(bn_weight, gbw);
-    grads[13] = defer ? Tensor() : grad_for(bn_bias, gbb);
-    grads[17] = grad_for(residual, gr);
+    grads[11] = defer ? Tensor() : grad_for(bn_weight, gbw);
+    grads[12] = defer ? Tensor() : grad_for(bn_bias, gbb);
+    grads[16] = grad_for(residual, gr);
     return grads;
   }
 };
@@ -219,14 +221,14 @@ std::tuple<Tensor, Tensor, Tensor> conv_bn_act_autograd(
     const Tensor& input, const Tensor& weight, const OptTensor& conv_bias,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     const OptTensor& in_weight, const OptTensor& in_bias, const OptTensor& in_stats,
-    bool in_batch_stats, bool in_relu, const OptTensor& bn_weight, const OptTensor& bn_bias,
+    bool in_relu, const OptTensor& bn_weight, const OptTensor& bn_bias,
     const OptTensor& running_mean, const OptTensor& running_var,
     const OptTensor& num_batches_tracked, const OptTensor& residual, bool batch_stats,
     double momentum, double eps, bool relu, bool defer, bool save_raw, bool recompute,
     c10::string_view backend) {
   const variable_list outputs = ConvBnActFunction::apply(
       input, weight, conv_bias, stride, padding, dilation, groups, in_weight, in_bias, in_stats,
-      in_batch_stats, in_relu, bn_weight, bn_bias, running_mean, running_var,
+      in_relu, bn_weight, bn_bias, running_mean, running_var,
       num_batches_tracked, residual, batch_stats, momentum, eps, relu, defer, save_raw,
       recompute, std::string(backend));
   if (batch_stats) bump_versions({&running_mean, &running_var, &num_batches_tracked});
@@ -251,17 +253,17 @@ TORCH_LIBRARY(resnet_fast, m) {
   m.def(
       "conv_bn_act(Tensor input, Tensor weight, Tensor? conv_bias, int[] stride, int[] padding, "
       "int[] dilation, int groups, Tensor? in_weight, Tensor? in_bias, Tensor? in_stats, "
-      "bool in_batch_stats, bool in_relu, Tensor? bn_weight, Tensor? bn_bias, "
-      "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, "
-      "Tensor? residual, bool batch_stats, float momentum, float eps, bool relu, bool defer, "
+      "bool in_relu, Tensor? bn_weight, Tensor? bn_bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, Tensor? residual, "
+      "bool batch_stats, float momentum, float eps, bool relu, bool defer, "
       "bool save_raw, bool recompute, str backend) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
       "conv_bn_act_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor? conv_bias, "
       "int[] stride, int[] padding, int[] dilation, int groups, Tensor? in_weight, "
-      "Tensor? in_bias, Tensor? in_stats, bool in_batch_stats, bool in_relu, "
-      "Tensor? bn_weight, Tensor? bn_bias, Tensor? residual, Tensor raw, Tensor save_stats, "
-      "bool batch_stats, bool relu, bool defer, str backend) "
+      "Tensor? in_bias, Tensor? in_stats, bool in_relu, Tensor? bn_weight, Tensor? bn_bias, "
+      "Tensor? residual, Tensor raw, Tensor save_stats, bool batch_stats, bool relu, "
+      "bool defer, bool input_grad, str backend) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

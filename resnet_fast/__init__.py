@@ -10,6 +10,7 @@ cannot run says why (:func:`available_backends`, :func:`unavailable_reason`).
 from resnet_fast import ops  # noqa: F401  (registers the resnet_fast:: ops)
 from resnet_fast.backends import BACKENDS, available_backends, unavailable_reason
 from resnet_fast.convert import ConvertWarning, convert
+from resnet_fast.dispatch import explain, tune
 from resnet_fast.functional import (
     DeferredBatchNorm,
     batch_norm_add_relu,
@@ -35,7 +36,7 @@ from resnet_fast.models import (
     wide_resnet101_2,
 )
 
-__version__ = "0.1.0"
+from resnet_fast._version import __version__  # noqa: E402
 
 __all__ = [
     "BACKENDS",
@@ -48,6 +49,8 @@ __all__ = [
     "DeferredBatchNorm",
     "convert",
     "ConvertWarning",
+    "tune",
+    "explain",
     "SyncBatchNorm",
     "SyncBatchNormWarning",
     "convert_sync_batchnorm",

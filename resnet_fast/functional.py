@@ -19,12 +19,14 @@ the output has the input's dtype and memory format (a non-dense input is compute
 Per-channel tensors may be float32 while the input is half or bfloat16, as under
 ``torch.autocast``, where a residual of another floating dtype is cast to the input's.
 
-``backend`` selects the implementation (see :mod:`resnet_fast.backends`): ``None`` picks the
-fastest available for the input's device, ``$RESNET_FAST_BACKEND`` overrides that default.
+``backend`` selects the implementation (see :mod:`resnet_fast.backends`); ``$RESNET_FAST_BACKEND``
+overrides the default. With neither, each call site runs the implementation that measured
+fastest there, a fused backend or ATen's own sequence (:mod:`resnet_fast.dispatch`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional, Union
 
@@ -32,9 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from resnet_fast import ops, reference
+from resnet_fast import dispatch, ops, reference
 from resnet_fast._conventions import acc_dtype_of, conv_output_shape
-from resnet_fast.backends import resolve_backend
 from resnet_fast.reference import _momentum_factor
 
 __all__ = [
@@ -152,7 +153,16 @@ def _fused(
             "running_mean and residual_running_mean must both be given or both None: the two "
             "BatchNorms of a block end track statistics together"
         )
-    name = resolve_backend(backend, input.device)
+    name = dispatch.static_choice(api, backend, input.device)
+    if name != "reference" and dispatch.measured(backend):
+        call = dict(input=input, residual=residual, bn=bn, residual_bn=residual_bn,
+                    training=training, momentum=momentum, eps=eps)
+        name = dispatch.choose(
+            api, input.device, training, call,
+            {"fused": functools.partial(_fused, api), dispatch.ATEN: _aten_bn_act},
+            (bn.weight, bn.running_mean), momentum_none=momentum is None)
+        if name == dispatch.ATEN:
+            return _aten_bn_act(**call)
 
     if name == "reference":
         kwargs = {"num_batches_tracked": bn.num_batches_tracked}
@@ -196,6 +206,33 @@ def _fused(
         name,
     )
     return out
+
+
+def _aten_batch_norm(input: Tensor, bn: _BatchNormArgs, training: bool,
+                     momentum: Optional[float], eps: float) -> Tensor:
+    """``nn.BatchNorm2d``'s forward on ``bn``'s tensors, through ATen: the batch counter moves in
+    training and ``momentum=None`` averages cumulatively, as the module does."""
+    factor = 0.0 if momentum is None else momentum
+    if training and bn.running_mean is not None and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / float(bn.num_batches_tracked)
+    return F.batch_norm(input, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                        training or bn.running_mean is None, factor, eps)
+
+
+def _aten_bn_act(input: Tensor, residual: Optional[Tensor], bn: _BatchNormArgs,
+                 residual_bn: Optional[_BatchNormArgs], training: bool,
+                 momentum: Optional[float], eps: float) -> Tensor:
+    """The BatchNorm ops as ATen's sequence (the ``aten`` candidate of measured dispatch):
+    ``relu(batch_norm(input) [+ residual or batch_norm(residual)])``, as eager runs the
+    modules."""
+    y = _aten_batch_norm(input, bn, training, momentum, eps)
+    if residual_bn is not None:
+        residual = _aten_batch_norm(residual, residual_bn, training, momentum, eps)
+    if residual is not None:
+        y = y + residual
+    return F.relu(y)
 
 
 def batch_norm_relu(
@@ -271,6 +308,26 @@ def dual_batch_norm_add_relu(
                          residual_bias, residual_num_batches_tracked, prefix="residual_")
     return _fused("dual_batch_norm_add_relu", input, residual, bn, rbn, training, momentum, eps,
                   backend)
+
+
+def _aten_conv_bn_relu(input: Union[Tensor, "DeferredBatchNorm"], conv_weight: Tensor,
+                       running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                       bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], training: bool,
+                       momentum: Optional[float], eps: float, *, conv_bias: Optional[Tensor],
+                       stride, padding, dilation, groups: int, residual: Optional[Tensor],
+                       relu: bool, num_batches_tracked: Optional[Tensor],
+                       recompute: bool) -> Tensor:
+    """:func:`conv_bn_relu` as ATen's sequence (the ``aten`` candidate of measured dispatch):
+    a deferred input materialised, then ``conv2d``, ``batch_norm``, the residual add and ReLU,
+    as eager runs the modules (``recompute`` changes nothing there)."""
+    if isinstance(input, DeferredBatchNorm):
+        input = input.materialize()
+    y = F.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
+    bn = _BatchNormArgs(running_mean, running_var, bn_weight, bn_bias, num_batches_tracked)
+    y = _aten_batch_norm(y, bn, training, momentum, eps)
+    if residual is not None:
+        y = y + residual
+    return F.relu(y) if relu else y
 
 
 class DeferredBatchNorm(NamedTuple):
@@ -438,7 +495,7 @@ def conv_bn_relu(
             residual = residual.to(x.dtype)
         _check_activation("residual", residual, like=x, like_name="the conv output's",
                           shape=shape)
-    name = resolve_backend(backend, x.device)
+    name = dispatch.static_choice("conv_bn_relu", backend, x.device)
     batch_stats = training or running_mean is None
     defer = bool(defer) and batch_stats
     if defer and residual is not None:
@@ -446,6 +503,21 @@ def conv_bn_relu(
                          "must be None (add it where the BatchNorm is applied)")
     conv_args = dict(conv_bias=conv_bias, stride=stride, padding=padding, dilation=dilation,
                      groups=groups)
+    if not defer and name != "reference" and dispatch.measured(backend):
+        call = dict(input=input if deferred is not None else x, conv_weight=conv_weight,
+                    running_mean=running_mean, running_var=running_var, bn_weight=bn_weight,
+                    bn_bias=bn_bias, training=training, momentum=momentum, eps=eps,
+                    residual=residual, relu=relu, num_batches_tracked=num_batches_tracked,
+                    recompute=recompute, **conv_args)
+        name = dispatch.choose(
+            "conv_bn_relu", x.device, training, call,
+            {"fused": conv_bn_relu, dispatch.ATEN: _aten_conv_bn_relu}, (conv_weight,),
+            stride=stride,
+            padding=padding, dilation=dilation, groups=groups, relu=relu, recompute=recompute,
+            momentum_none=momentum is None,
+            deferred_relu=None if deferred is None else deferred.relu)
+        if name == dispatch.ATEN:
+            return _aten_conv_bn_relu(**call)
 
     if deferred is not None and "reference" in (name, deferred.backend):
         x, deferred = deferred.materialize(), None
@@ -473,7 +545,7 @@ def conv_bn_relu(
                 if deferred is not None else (None, None, None, False))
     out, _raw, save_stats = ops.conv_bn_act(
         x, conv_weight, conv_bias, list(stride), list(padding), list(dilation), groups,
-        *prologue[:3], True, prologue[3],
+        *prologue,
         bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, residual,
         batch_stats, factor, eps, relu, defer, save_raw, bool(recompute), name,
     )

@@ -14,6 +14,10 @@ momentum 0.9, gradients set to None each step); ``eval``, a forward in eval mode
 ``torch.no_grad()``. Layouts: ``channels_last`` (model and input) and ``contiguous`` (NCHW).
 ``--dtype bfloat16`` / ``float16`` run under ``torch.autocast`` with float32 parameters.
 
+A fused model with the default backend is dispatched by measurement (:mod:`resnet_fast.dispatch`;
+``RESNET_FAST_AUTOTUNE=0`` turns it off): it is tuned on the benchmark's batch before anything is
+timed, so its rows are those of a warm cache; ``--explain`` prints each layer's decision.
+
 Timing (:mod:`resnet_fast.timing`): after ``--warmup`` calls per provider (torch.compile
 compiles in the first), ``--reps`` rounds, each timing one call of every provider in a freshly
 shuffled order, so that a machine whose speed drifts slows them alike (on the CPU each timed
@@ -54,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 import resnet_fast
-from resnet_fast import models, reference
+from resnet_fast import dispatch, models, reference
 from resnet_fast.cli import UsageError, parse_size
 from resnet_fast.timing import (compiled, error_text, fmt_cell, interleave, provenance, pyplot,
                                 recompiles_of, row_provenance, time_stats, write_csv,
@@ -89,6 +93,7 @@ class Settings:
     reps: int = 7
     out: Path = RESULTS
     tag: str = "cpu"
+    explain: bool = False
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -122,6 +127,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=str(RESULTS), help="results directory")
     p.add_argument("--tag", default=None,
                    help="file name suffix (default: device kind, + _quick with --quick)")
+    p.add_argument("--explain", action="store_true",
+                   help="print each fused layer's candidates, their times and the winner "
+                        "(measured dispatch; see resnet_fast.dispatch)")
     p.add_argument("--quick", action="store_true",
                    help="a short run: about a minute on 2 CPU cores")
 
@@ -204,6 +212,7 @@ def settings_from_args(args) -> Settings:
         raise UsageError("--warmup must be >= 0 and --reps >= 1")
     if "compile" in s.providers and s.warmup < 1:
         s.warmup = 1  # the first call compiles: never timed
+    s.explain = bool(args.explain)
     s.out = Path(args.out)
     s.tag = args.tag or (device + ("_quick" if quick else ""))
     return s
@@ -321,6 +330,13 @@ def measure(name: str, mode: str, layout: str, s: Settings, prov: dict,
         except Exception as exc:  # one provider failing (e.g. no compiler) spoils no other
             errors[provider] = exc
     errors = {p: error_text(e) for p, e in errors.items()}
+    for provider, (module, _, _, _) in live.items():
+        # measured dispatch decides before anything is timed (a warm cache)
+        if provider in FUSED_KINDS and module.backend is None and dispatch.measured(None):
+            with _autocast(s):
+                table = dispatch.explain(module, x, mode)
+            if s.explain:
+                log(f"  {provider} {name} {mode} {layout}, measured dispatch:\n{table}")
     times = interleave({p: step for p, (_, _, step, _) in live.items()}, s.reps,
                        device=device, warmup=s.warmup, errors=errors)
     for provider, text in errors.items():

@@ -299,7 +299,6 @@ def _conv_bn_act_forward(
     in_weight: Optional[Tensor],
     in_bias: Optional[Tensor],
     in_stats: Optional[Tensor],
-    in_batch_stats: bool,
     in_relu: bool,
     bn_weight: Optional[Tensor],
     bn_bias: Optional[Tensor],
@@ -390,8 +389,8 @@ def _conv_bn_act_forward(
 @torch.library.register_fake("resnet_fast::conv_bn_act")
 def _conv_bn_act_fake(
     input, weight, conv_bias, stride, padding, dilation, groups, in_weight, in_bias, in_stats,
-    in_batch_stats, in_relu, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
-    residual, batch_stats, momentum, eps, relu, defer, save_raw, recompute, backend,
+    in_relu, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, residual,
+    batch_stats, momentum, eps, relu, defer, save_raw, recompute, backend,
 ):
     acc = acc_dtype_of(input.dtype)
     shape = conv_output_shape(input.shape, weight.shape, stride, padding, dilation)
@@ -419,7 +418,6 @@ def _conv_bn_act_backward(
     in_weight: Optional[Tensor],
     in_bias: Optional[Tensor],
     in_stats: Optional[Tensor],
-    in_batch_stats: bool,
     in_relu: bool,
     bn_weight: Optional[Tensor],
     bn_bias: Optional[Tensor],
@@ -429,13 +427,14 @@ def _conv_bn_act_backward(
     batch_stats: bool,
     relu: bool,
     defer: bool,
+    input_grad: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if backend == "cpu":  # composed in C++
         return _C.conv_bn_act_backward_cpu(
             grad_out, input, weight, conv_bias, stride, padding, dilation, groups, in_weight,
-            in_bias, in_stats, in_batch_stats, in_relu, bn_weight, bn_bias, residual, raw,
-            save_stats, batch_stats, relu, defer)
+            in_bias, in_stats, in_relu, bn_weight, bn_bias, residual, raw, save_stats,
+            batch_stats, relu, defer, input_grad)
     acc = acc_dtype_of(input.dtype)
     in_fmt, weight_fmt = memory_format_of(input), memory_format_of(weight)
 
@@ -456,14 +455,16 @@ def _conv_bn_act_backward(
     a = x if in_stats is None else _normalize(x, in_weight, in_bias, in_stats, in_relu)
     grad_a, grad_weight, grad_conv_bias = torch.ops.aten.convolution_backward(
         grad_raw, a, weight, None if conv_bias is None else [weight.shape[0]], stride, padding,
-        dilation, False, [0, 0], groups, [True, True, conv_bias is not None])
-    if in_stats is None:
+        dilation, False, [0, 0], groups, [input_grad, True, conv_bias is not None])
+    if not input_grad:
+        grad_input, grad_in_weight, grad_in_bias = empty(), empty(), empty()
+    elif in_stats is None:
         grad_input, grad_in_weight, grad_in_bias = grad_a, empty(), empty()
     else:
         grad_input, grad_in_weight, grad_in_bias, _, _, _ = _bn_act_backward(
             grad_a, x, in_weight, in_bias, None, None, None, in_stats.unsqueeze(0), False,
-            in_batch_stats, in_relu, backend)
-    return (grad_input.contiguous(memory_format=in_fmt),
+            True, in_relu, backend)
+    return (grad_input.contiguous(memory_format=in_fmt) if input_grad else grad_input,
             grad_weight.contiguous(memory_format=weight_fmt),
             empty() if grad_conv_bias is None else grad_conv_bias,
             grad_in_weight, grad_in_bias, grad_bn_weight, grad_bn_bias, grad_residual)
@@ -472,8 +473,8 @@ def _conv_bn_act_backward(
 @torch.library.register_fake("resnet_fast::conv_bn_act_backward")
 def _conv_bn_act_backward_fake(
     grad_out, input, weight, conv_bias, stride, padding, dilation, groups, in_weight,
-    in_bias, in_stats, in_batch_stats, in_relu, bn_weight, bn_bias, residual, raw, save_stats,
-    batch_stats, relu, defer, backend,
+    in_bias, in_stats, in_relu, bn_weight, bn_bias, residual, raw, save_stats, batch_stats,
+    relu, defer, input_grad, backend,
 ):
     acc = acc_dtype_of(input.dtype)
 
@@ -481,14 +482,16 @@ def _conv_bn_act_backward_fake(
         return input.new_empty((C,) if present else (0,), dtype=acc)
 
     Cin, Cout = input.shape[1], weight.shape[0]
-    grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device,
-                             memory_format=memory_format_of(input))
+    grad_input = (torch.empty(input.shape, dtype=input.dtype, device=input.device,
+                              memory_format=memory_format_of(input))
+                  if input_grad else per_channel(False, 0))
     grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device,
                               memory_format=memory_format_of(weight))
     grad_residual = (torch.empty_like(grad_out, memory_format=memory_format_of(grad_out))
                      if residual is not None and not defer else per_channel(False, 0))
     return (grad_input, grad_weight, per_channel(conv_bias is not None, Cout),
-            per_channel(in_stats is not None, Cin), per_channel(in_stats is not None, Cin),
+            per_channel(input_grad and in_stats is not None, Cin),
+            per_channel(input_grad and in_stats is not None, Cin),
             per_channel(not defer, Cout), per_channel(not defer, Cout), grad_residual)
 
 
@@ -524,12 +527,12 @@ def _bn_act_kernel(input, weight, bias, running_mean, running_var, num_batches_t
 
 
 def _conv_bn_act_kernel(input, weight, conv_bias, stride, padding, dilation, groups, in_weight,
-                        in_bias, in_stats, in_batch_stats, in_relu, bn_weight, bn_bias,
-                        running_mean, running_var, num_batches_tracked, residual, batch_stats,
+                        in_bias, in_stats, in_relu, bn_weight, bn_bias, running_mean,
+                        running_var, num_batches_tracked, residual, batch_stats,
                         momentum, eps, relu, defer, save_raw, recompute, backend):
     out, raw, save_stats, new_running = _conv_bn_act_forward(
         input, weight, conv_bias, stride, padding, dilation, groups, in_weight, in_bias,
-        in_stats, in_batch_stats, in_relu, bn_weight, bn_bias, running_mean, running_var,
+        in_stats, in_relu, bn_weight, bn_bias, running_mean, running_var,
         residual, batch_stats, momentum, eps, relu, defer, save_raw, backend)
     _update_running(batch_stats and running_mean is not None, new_running,
                     (running_mean, running_var), (num_batches_tracked,))

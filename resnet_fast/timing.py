@@ -245,7 +245,7 @@ def provenance(device: torch.device, warmup: int, reps: int,
     line (``argv``, default ``sys.argv``), the warm-up calls and repetitions, the threads, the
     load average when it was taken (call it at the start of a run) and any further
     ``settings``."""
-    import resnet_fast
+    from resnet_fast._version import __version__
 
     device = torch.device(device)
     try:
@@ -265,7 +265,7 @@ def provenance(device: torch.device, warmup: int, reps: int,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "triton": triton_version,
         "python": platform.python_version(),
-        "resnet_fast": resnet_fast.__version__,
+        "resnet_fast": __version__,
         "commit": commit,
         "dirty": dirty,
         "command": [Path(sys.executable).name, *(sys.argv if argv is None else argv)],

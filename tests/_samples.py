@@ -86,7 +86,7 @@ CONV_MODES = ("train", "eval", "eval_inference", "defer", "prologue", "residual"
 
 def conv_bn_act_args(mode: str, *, backend: str, device, dtype=torch.float32,
                      memory_format=torch.channels_last, requires_grad: bool = True) -> tuple:
-    """The 26 arguments of resnet_fast::conv_bn_act (a 4 -> 6 channel 3x3 conv, stride 2, on
+    """The 25 arguments of resnet_fast::conv_bn_act (a 4 -> 6 channel 3x3 conv, stride 2, on
     2x4x5x5); ``mode`` names the path (CONV_MODES): 'train', 'eval', 'eval_inference' (no
     autograd: the one-pass path), 'defer', 'prologue' (input normalised on load), 'residual'
     (training, + conv bias + residual, no ReLU), 'recompute' (training, input normalised on
@@ -112,7 +112,7 @@ def conv_bn_act_args(mode: str, *, backend: str, device, dtype=torch.float32,
         memory_format=memory_format).requires_grad_(grad) if residual else None)
     bn = batch_norm_state(Cout, device=device, dtype=acc, requires_grad=grad)
     training = mode not in ("eval", "eval_inference")
-    return (x, w, conv_bias, [2, 2], [1, 1], [1, 1], 1, *prologue, True, True,
+    return (x, w, conv_bias, [2, 2], [1, 1], [1, 1], 1, *prologue, True,
             bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, r,
             training, 0.1, 1e-5, mode != "residual", mode == "defer",
             mode != "eval_inference", mode == "recompute", backend)

@@ -3,6 +3,11 @@
 TRITON_INTERPRET must be set before Triton compiles (decorates) any kernel, so it is set here,
 before resnet_fast is imported by any test module.
 
+Measured dispatch (resnet_fast.dispatch) is off in the tests (RESNET_FAST_AUTOTUNE=0): a call
+with the default backend runs the device's default fused backend, so the tests check what they
+name; tests/test_dispatch.py turns it on with injected timers. Its cache directory is a fresh
+temporary one, so no test reads or writes the user's cache.
+
 Fixtures: ``device``, the device the tests run on (CUDA where torch has it, else the CPU), and
 ``backend``, every resnet_fast backend but ``reference`` (the ground truth the others are compared
 with), one parametrisation each. A backend that cannot run on ``device`` is a recorded skip that
@@ -11,6 +16,7 @@ run a subset.
 """
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -18,6 +24,8 @@ from hypothesis import HealthCheck, settings
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["RESNET_FAST_AUTOTUNE"] = "0"
+os.environ["RESNET_FAST_CACHE_DIR"] = tempfile.mkdtemp(prefix="resnet_fast_cache_")
 
 import resnet_fast  # noqa: E402  (after TRITON_INTERPRET is set)
 

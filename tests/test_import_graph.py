@@ -111,7 +111,8 @@ def test_graph_sees_the_package():
     graph = import_graph()
     assert {"resnet_fast", "resnet_fast.ops", "resnet_fast.functional",
             "resnet_fast.triton.bn_act"} <= set(graph)
-    assert "resnet_fast.backends" in graph["resnet_fast.functional"]
+    assert "resnet_fast.dispatch" in graph["resnet_fast.functional"]
+    assert "resnet_fast.backends" in graph["resnet_fast.dispatch"]
 
 
 def test_cycles_are_found():

@@ -87,15 +87,24 @@ def test_opcheck_conv_bn_act(backend, device, mode, memory_format):
         mode, backend=backend, device=device, memory_format=memory_format))
 
 
-@pytest.mark.parametrize("mode", [m for m in CONV_MODES if m != "eval_inference"])
-def test_opcheck_conv_bn_act_backward(backend, device, mode):
+@pytest.mark.parametrize("mode,input_grad",
+                         [(m, True) for m in CONV_MODES if m != "eval_inference"]
+                         + [("train", False), ("prologue", False)])
+def test_opcheck_conv_bn_act_backward(backend, device, mode, input_grad):
+    """``input_grad=False`` (a first conv, whose input is the data) leaves the input side's
+    gradients empty."""
     args = by_name(ops.conv_bn_act, conv_bn_act_args(mode, backend=backend, device=device,
                                                      requires_grad=False))
     out, raw, save_stats = ops.conv_bn_act(*args.values())
     assert (raw.numel() == 0) == (args["defer"] or args["recompute"])
-    torch.library.opcheck(ops.conv_bn_act_backward, args_of(
-        ops.conv_bn_act_backward,
-        dict(args, grad_out=torch.randn_like(out), raw=raw, save_stats=save_stats)))
+    backward_args = args_of(ops.conv_bn_act_backward, dict(
+        args, grad_out=torch.randn_like(out), raw=raw, save_stats=save_stats,
+        input_grad=input_grad))
+    torch.library.opcheck(ops.conv_bn_act_backward, backward_args)
+    grads = ops.conv_bn_act_backward(*backward_args)
+    assert [g.numel() > 0 for g in grads[:5]] == [
+        input_grad, True, args["conv_bias"] is not None,
+        input_grad and args["in_stats"] is not None, input_grad and args["in_stats"] is not None]
 
 
 @pytest.mark.parametrize("training,track", [(True, True), (False, True), (False, False)])

@@ -70,11 +70,12 @@ conv_bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& input,
                          const std::vector<int64_t>& dilation, int64_t groups,
                          const std::optional<at::Tensor>& in_weight,
                          const std::optional<at::Tensor>& in_bias,
-                         const std::optional<at::Tensor>& in_stats, bool in_batch_stats,
-                         bool in_relu, const std::optional<at::Tensor>& bn_weight,
+                         const std::optional<at::Tensor>& in_stats, bool in_relu,
+                         const std::optional<at::Tensor>& bn_weight,
                          const std::optional<at::Tensor>& bn_bias,
                          const std::optional<at::Tensor>& residual, const at::Tensor& raw,
-                         const at::Tensor& save_stats, bool batch_stats, bool relu, bool defer) {
+                         const at::Tensor& save_stats, bool batch_stats, bool relu, bool defer,
+                         bool input_grad) {
   const at::MemoryFormat fmt = memory_format_of(input);
   const at::Tensor x = input.contiguous(fmt);
   const auto acc = acc_options(x);
@@ -104,20 +105,21 @@ conv_bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& input,
   auto [grad_a, grad_weight, grad_conv_bias] = at::convolution_backward(
       grad_raw.contiguous(fmt), a, weight,
       has_conv_bias ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef(), stride,
-      padding, dilation, /*transposed=*/false, {0, 0}, groups, {true, true, has_conv_bias});
-  at::Tensor grad_input = grad_a;
+      padding, dilation, /*transposed=*/false, {0, 0}, groups,
+      {input_grad, true, has_conv_bias});
+  at::Tensor grad_input = input_grad ? grad_a : empty_acc(x);
   at::Tensor grad_in_weight = empty_acc(x), grad_in_bias = empty_acc(x);
-  if (in_stats.has_value() && in_stats->defined()) {
+  if (input_grad && in_stats.has_value() && in_stats->defined()) {
     auto grads = bn_act_backward_cpu(
         grad_a.contiguous(fmt), x, affine_param(in_weight, Cin, 1.0, acc),
         affine_param(in_bias, Cin, 0.0, acc), std::nullopt, std::nullopt, std::nullopt,
-        per_channel(in_stats, acc)->unsqueeze(0), /*residual_bn=*/false, in_batch_stats,
-        in_relu);
+        per_channel(in_stats, acc)->unsqueeze(0), /*residual_bn=*/false,
+        /*batch_stats=*/true, in_relu);
     grad_input = std::get<0>(grads);
     grad_in_weight = std::get<1>(grads);
     grad_in_bias = std::get<2>(grads);
   }
-  return {grad_input.contiguous(fmt),
+  return {input_grad ? grad_input.contiguous(fmt) : grad_input,
           grad_weight.contiguous(memory_format_of(weight)),
           has_conv_bias ? grad_conv_bias : empty_acc(x),
           grad_in_weight,

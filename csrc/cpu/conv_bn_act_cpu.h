@@ -33,6 +33,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_act_forward_c
 // grad_bn_weight, grad_bn_bias, grad_residual): grad_input in the input's layout, grad_weight
 // in the weight's; absent gradients are empty. An empty raw (the forward did not keep it) is
 // recomputed: the conv once more, on the input it normalises for the weight gradient anyway.
+// Without input_grad the input side (grad_input, and the input BatchNorm's grad_in_weight and
+// grad_in_bias) is not computed and comes back empty: the conv's data gradient is skipped.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>
 conv_bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& input,
@@ -42,11 +44,12 @@ conv_bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& input,
                          const std::vector<int64_t>& dilation, int64_t groups,
                          const std::optional<at::Tensor>& in_weight,
                          const std::optional<at::Tensor>& in_bias,
-                         const std::optional<at::Tensor>& in_stats, bool in_batch_stats,
-                         bool in_relu, const std::optional<at::Tensor>& bn_weight,
+                         const std::optional<at::Tensor>& in_stats, bool in_relu,
+                         const std::optional<at::Tensor>& bn_weight,
                          const std::optional<at::Tensor>& bn_bias,
                          const std::optional<at::Tensor>& residual, const at::Tensor& raw,
-                         const at::Tensor& save_stats, bool batch_stats, bool relu, bool defer);
+                         const at::Tensor& save_stats, bool batch_stats, bool relu, bool defer,
+                         bool input_grad);
 
 }  // namespace cpu
 }  // namespace resnet_fast

@@ -1,0 +1,203 @@
+"""Measured dispatch (resnet_fast.dispatch): each fused call site runs the implementation its
+tuner measured fastest, every candidate meets the tolerance policy, timing never touches the
+caller's state, torch.compile reads the choice, and explain names each layer's decision.
+
+The tuner's timer is injected: it runs the candidate (so timing's side effects happen as they
+would) and returns the time the test assigns to that candidate's name."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import resnet_fast
+from resnet_fast import autotune, dispatch, functional
+from test_models import check_policy, make_input, randomize_batch_norms, run_step, small_resnet
+
+
+@pytest.fixture
+def tuner(monkeypatch, tmp_path):
+    """Measured dispatch on, with a fresh tuner (cache under ``tmp_path``) whose timer returns
+    ``tuner.times[candidate name]`` (default 1 s) after running the candidate."""
+    times: dict[str, float] = {}
+
+    def timer(fn):
+        fn()
+        return times.get(fn.__name__, 1.0)
+
+    t = autotune.Tuner(tmp_path, enabled=True, timer=timer, rounds=2)
+    t.times = times
+    monkeypatch.setenv("RESNET_FAST_AUTOTUNE", "1")
+    monkeypatch.delenv("RESNET_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(autotune, "_DEFAULT_TUNER", t)
+    monkeypatch.setattr(dispatch, "_DECIDED", {})
+    return t
+
+
+def test_off_in_the_test_suite_and_by_explicit_backend(monkeypatch):
+    assert not dispatch.measured(None)  # RESNET_FAST_AUTOTUNE=0 (conftest)
+    monkeypatch.setenv("RESNET_FAST_AUTOTUNE", "1")
+    assert dispatch.measured(None)
+    assert not dispatch.measured("cpu")
+    monkeypatch.setenv("RESNET_FAST_BACKEND", "cpu")
+    assert not dispatch.measured(None)
+
+
+def test_candidates():
+    assert dispatch.candidates_for(torch.device("cpu")) == ("cpu", "aten")
+
+
+@pytest.mark.parametrize("winner", ["cpu", "aten"])
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+@pytest.mark.parametrize("train", [True, False])
+def test_every_candidate_meets_the_policy(tuner, winner, block, train):
+    """A model whose every tuned layer runs ``winner`` (the fastest by the timer), training step
+    or eval, against the float64 eager model: logits, loss, every gradient and running
+    statistic, num_batches_tracked equal. Timing ran each candidate during the step on scratch
+    copies: a user's state updated by a timed candidate would break the buffers' check."""
+    tuner.times.update({winner: 0.5})
+    torch.manual_seed(0)
+    fused, ref = small_resnet(block, num_classes=5, small_input=True)
+    randomize_batch_norms(fused)
+    ref.load_state_dict(fused.state_dict())
+    x, target = make_input(size=16)
+    check_policy(fused, ref, x, target, torch.float32, train=train, backward=train)
+    records = tuner.records()
+    assert records and {r.winner for r in records} == {winner}
+    assert {r.source for r in records} == {"timed"}
+    ops = {autotune.describe_key(r.key).split()[0] for r in records}
+    assert "conv_bn_relu" in ops
+    if train:
+        assert ops & {"batch_norm_add_relu", "dual_batch_norm_add_relu"} or block == "bottleneck"
+
+
+def test_the_fastest_wins_and_the_static_choice_holds_within_the_margin(tuner):
+    x = torch.randn(2, 4, 6, 6)
+    w = torch.randn(4, 4, 3, 3)
+
+    def call():
+        return functional.conv_bn_relu(x, w, None, None, padding=1)
+
+    tuner.times.update({"cpu": 1.0, "aten": 0.98})  # 2% faster: within the 3% margin
+    call()
+    assert [r.winner for r in tuner.records()] == ["cpu"]
+    dispatch.clear()
+    tuner.cache_path("cpu").unlink()
+    tuner.times.update({"aten": 0.9})
+    call()
+    assert [r.winner for r in tuner.records()] == ["aten"]
+
+
+def test_tuned_step_updates_the_state_once(tuner):
+    """One tuned training step (cold cache) leaves the running statistics and counters of one
+    eager step, and the next (warm) step times nothing."""
+    torch.manual_seed(0)
+    fused, ref = small_resnet("basic", num_classes=5, small_input=True)
+    ref.load_state_dict(fused.state_dict())
+    x, target = make_input(size=16)
+    f = run_step(fused, x, target, train=True, backward=True)
+    e = run_step(ref, x, target, train=True, backward=True)
+    for name in f:
+        if name.startswith("buffer:"):
+            torch.testing.assert_close(f[name], e[name], rtol=1e-5, atol=1e-6, msg=name)
+    calls = []
+    tuner._timer = lambda fn: calls.append(fn) or 1.0
+    run_step(fused, x, target, train=True, backward=True)
+    assert not calls
+
+
+def test_tune_and_explain(tuner):
+    """tune decides every layer and leaves the model's state and gradients as they were;
+    explain names each layer with its candidates' times, winner and source."""
+    torch.manual_seed(0)
+    model = resnet_fast.resnet18(num_classes=5, small_input=True)
+    x, _ = make_input(size=16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tuner.times.update({"aten": 0.5})
+    table = dispatch.explain(model, x, "train")
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k
+    assert all(p.grad is None for p in model.parameters())
+    lines = table.splitlines()
+    assert lines[0].split()[:2] == ["layer", "key"]
+    for layer in ("conv1", "layer1.0.conv2", "layer4.1.conv2", "layer2.0.bn2"):
+        row = next(line for line in lines if line.split()[0] == layer)
+        assert "cpu 1000.000" in row and "aten 500.000" in row and row.split()[-2:] == [
+            "aten", "timed"], row
+    tuner._timer = lambda fn: pytest.fail("a tuned model is not timed again")
+    dispatch.tune(model, x, "train")
+    with pytest.raises(ValueError, match="mode must be 'train' or 'eval'"):
+        dispatch.tune(model, x, "training")
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_compile_reads_the_choice(tuner, warm):
+    """Under torch.compile(fullgraph=True) nothing is timed: a cold cache gives the static
+    choice (the fused op in the graph), a warm one the cached winner (ATen's conv instead)."""
+    x = torch.randn(2, 4, 6, 6)
+    w = torch.randn(4, 4, 3, 3)
+    rm, rv = torch.zeros(4), torch.ones(4)
+
+    def layer(x):
+        return functional.conv_bn_relu(x, w, rm, rv, padding=1)
+
+    tuner.times.update({"aten": 0.5})
+    if warm:
+        layer(x)
+        assert [r.winner for r in tuner.records()] == ["aten"]
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    out = torch.compile(layer, backend=capture, fullgraph=True)(x)
+    assert [r.source for r in tuner.records()] == ["timed" if warm else "static"]
+    targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    fused = any("resnet_fast.conv_bn_act" in t for t in targets)
+    assert fused != warm, targets
+    torch.testing.assert_close(out, layer(x))
+
+
+def test_threads_share_one_decision(tuner):
+    """Several threads running a model at once: the same outputs as one thread alone."""
+    torch.manual_seed(0)
+    model = resnet_fast.resnet18(num_classes=5, small_input=True).eval()
+    x, _ = make_input(size=16)
+    tuner.times.update({"aten": 0.5})
+    results = [None] * 4
+
+    def worker(i):
+        with torch.no_grad():
+            results[i] = model(x)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with torch.no_grad():
+        expected = model(x)
+    for r in results:
+        torch.testing.assert_close(r, expected, rtol=0, atol=0)
+    assert {r.winner for r in tuner.records()} == {"aten"}
+
+
+def test_static_table(monkeypatch):
+    """Nothing measured: the asked-for backend, else $RESNET_FAST_BACKEND, else the device's
+    default, but the cuda BatchNorm kernels before the Triton ones on a GPU."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert dispatch.static_choice("batch_norm_relu", None, cpu) == "cpu"
+    assert dispatch.static_choice("conv_bn_relu", "reference", cpu) == "reference"
+    monkeypatch.setattr(dispatch, "available_backends", lambda d: ["triton", "cuda", "reference"])
+    monkeypatch.setattr(dispatch, "resolve_backend", lambda b, d: b or "triton")
+    assert dispatch.static_choice("batch_norm_relu", None, cuda) == "cuda"
+    assert dispatch.static_choice("dual_batch_norm_add_relu", None, cuda) == "cuda"
+    assert dispatch.static_choice("conv_bn_relu", None, cuda) == "triton"
+    assert dispatch.static_choice("batch_norm_relu", "triton", cuda) == "triton"
+    monkeypatch.setenv("RESNET_FAST_BACKEND", "triton")
+    assert dispatch.static_choice("batch_norm_relu", None, cuda) == "triton"
