@@ -44,7 +44,6 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from resnet_fast import autotune
 from resnet_fast.backends import ENV_VAR, available_backends, resolve_backend
 
 __all__ = ["ATEN", "measured", "static_choice", "candidates_for", "choose", "tune", "explain",
@@ -57,7 +56,15 @@ def measured(backend: Optional[str]) -> bool:
     """Whether a call with ``backend`` is dispatched by measurement: autotuning is on
     (``RESNET_FAST_AUTOTUNE`` is not ``0``) and the default backend was asked for (``None``,
     and ``$RESNET_FAST_BACKEND`` unset). An explicit backend always runs."""
-    return backend is None and not os.environ.get(ENV_VAR) and autotune.autotune_enabled()
+    return backend is None and not os.environ.get(ENV_VAR) and _autotune().autotune_enabled()
+
+
+def _autotune():
+    """:mod:`resnet_fast.autotune`, imported at first use: it imports ``torch._dynamo`` (over a
+    second), which a process that never dispatches by measurement does without."""
+    from resnet_fast import autotune
+
+    return autotune
 
 
 def static_choice(op: str, backend: Optional[str], device: torch.device) -> str:
@@ -180,6 +187,7 @@ def choose(op: str, device: torch.device, training: bool, kwargs: Mapping[str, A
             return winner
     names = candidates_for(device)
     static = static_choice(op, None, device)
+    autotune = _autotune()
     key = autotune.make_key(op, tensors, training, backward=backward, **flags)
     if compiling:  # read, never timed
         return autotune.default_tuner().choose(key, dict.fromkeys(names), static)
@@ -260,6 +268,7 @@ def explain(model: nn.Module, example_input: Tensor, mode: str = "train") -> str
     the winner and where the decision came from (timed, read from the cache file, or the static
     choice)."""
     layers = _run(model, example_input, mode)
+    autotune = _autotune()
     return autotune.format_table([r for r in autotune.default_tuner().records()
                                   if layers.intersection(r.labels)])
 
@@ -267,4 +276,4 @@ def explain(model: nn.Module, example_input: Tensor, mode: str = "train") -> str
 def clear() -> None:
     """Forgets the decisions made in this process (the cache file stays)."""
     _DECIDED.clear()
-    autotune.default_tuner().clear()
+    _autotune().default_tuner().clear()

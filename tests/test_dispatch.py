@@ -27,7 +27,7 @@ def tuner(monkeypatch, tmp_path):
         fn()
         return times.get(fn.__name__, 1.0)
 
-    t = autotune.Tuner(tmp_path, enabled=True, timer=timer, rounds=2)
+    t = autotune.Tuner(tmp_path, enabled=True, timer=timer, rounds=1)
     t.times = times
     monkeypatch.setenv("RESNET_FAST_AUTOTUNE", "1")
     monkeypatch.delenv("RESNET_FAST_BACKEND", raising=False)

@@ -72,11 +72,11 @@ def assert_policy(fused, ref, dtype, *, train: bool) -> None:
     assert not failures, "\n".join(failures)
 
 
-# Each path once in each dtype where the interpreter's time allows (about 10-20 s a step).
+# Each path once, in float64 where the interpreter's time allows (about 20 s a step; the
+# recomputing paths are checked in float64 op by op in tests/test_ops_registration.py).
 TRAINING_CASES = [
     ("resnet18", False, torch.float32), ("resnet18", False, torch.float64),
-    ("resnet50", False, torch.float32),
-    ("resnet18", True, torch.float64), ("resnet50", True, torch.float32),
+    ("resnet50", False, torch.float32), ("resnet18", True, torch.float32),
 ]
 
 
