@@ -198,6 +198,8 @@ def choose(op: str, device: torch.device, training: bool, kwargs: Mapping[str, A
         fused = implementations["fused"]
         return _timed_call(name, lambda **kw: fused(**kw, backend=name), kwargs, backward)
 
+    if label is not None:
+        _LABELS.keys.add(key)
     winner = autotune.default_tuner().choose(
         key, {name: candidate(name) for name in names}, static, label=label)
     if label is None:
@@ -222,17 +224,17 @@ def _layer_names(model: nn.Module) -> dict[int, str]:
 @contextlib.contextmanager
 def _labelled(names: dict[int, str]) -> Iterator[None]:
     """Calls inside are labelled with the layer of their first tensor found in ``names``."""
-    previous = getattr(_LABELS, "names", None)
-    _LABELS.names = names
+    previous = getattr(_LABELS, "names", None), getattr(_LABELS, "keys", None)
+    _LABELS.names, _LABELS.keys = names, set()
     try:
         yield
     finally:
-        _LABELS.names = previous
+        _LABELS.names, _LABELS.keys = previous
 
 
 def _run(model: nn.Module, example_input: Tensor, mode: str) -> set[str]:
     """One pass of ``model`` over ``example_input`` in ``mode`` with every fused call labelled,
-    its parameters, buffers and gradients restored afterwards; the labels of its layers."""
+    its parameters, buffers and gradients restored afterwards; the keys of its call sites."""
     if mode not in ("train", "eval"):
         raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
     names = _layer_names(model)
@@ -242,6 +244,7 @@ def _run(model: nn.Module, example_input: Tensor, mode: str) -> set[str]:
     try:
         model.train(mode == "train")
         with _labelled(names):
+            keys = _LABELS.keys
             if mode == "train":
                 model(example_input).float().sum().backward()
             else:
@@ -252,7 +255,7 @@ def _run(model: nn.Module, example_input: Tensor, mode: str) -> set[str]:
         for p, g in grads.items():
             p.grad = g
         model.train(was_training)
-    return set(names.values())
+    return keys
 
 
 def tune(model: nn.Module, example_input: Tensor, mode: str = "train") -> None:
@@ -267,10 +270,10 @@ def explain(model: nn.Module, example_input: Tensor, mode: str = "train") -> str
     """:func:`tune`, then the table of every fused layer of ``model``: its candidates' times,
     the winner and where the decision came from (timed, read from the cache file, or the static
     choice)."""
-    layers = _run(model, example_input, mode)
+    keys = _run(model, example_input, mode)
     autotune = _autotune()
     return autotune.format_table([r for r in autotune.default_tuner().records()
-                                  if layers.intersection(r.labels)])
+                                  if r.key in keys])
 
 
 def clear() -> None:

@@ -126,15 +126,13 @@ def _torch_include_dirs():
     return include_paths()
 
 
-@pytest.mark.parametrize("source", ["cuda/bn_act_binding.cpp", "cuda/conv_bn_act_binding.cpp",
-                                    "extension.cpp"])
-def test_binding_parses_with_torch_headers(source):
-    """The binding (and the module that registers it, with CUDA on) parse against torch's headers.
+BINDING_SOURCES = ("cuda/bn_act_binding.cpp", "cuda/conv_bn_act_binding.cpp", "extension.cpp")
 
-    A CPU wheel of torch lacks c10/cuda/impl/cuda_cmake_macros.h (it only defines the Windows
-    export macro), so C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips it; ATen/cuda/CUDAContext.h would
-    need cuBLAS/cuSPARSE headers, which is why the binding uses the c10/cuda headers only.
-    """
+
+@pytest.fixture(scope="module")
+def parsed_bindings():
+    """``source -> (returncode, stderr)`` of parsing each binding against torch's headers, the
+    compilers run side by side (each takes about 20 s)."""
     compiler = shutil.which("g++") or shutil.which("c++")
     includes = _torch_include_dirs()
     cuda_include = Path(NVCC).parents[1] / "include" if NVCC else Path("/usr/local/cuda/include")
@@ -149,6 +147,23 @@ def test_binding_parses_with_torch_headers(source):
            "-Wall", "-Wextra", "-Werror", "-I", str(CSRC)]
     for d in includes + [str(cuda_include), sysconfig.get_paths()["include"]]:
         cmd += ["-isystem", d]
-    cmd.append(str(CSRC / source))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    procs = {source: subprocess.Popen(cmd + [str(CSRC / source)], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True)
+             for source in BINDING_SOURCES}
+    results = {}
+    for source, proc in procs.items():
+        _, stderr = proc.communicate()
+        results[source] = (proc.returncode, stderr)
+    return results
+
+
+@pytest.mark.parametrize("source", BINDING_SOURCES)
+def test_binding_parses_with_torch_headers(parsed_bindings, source):
+    """The binding (and the module that registers it, with CUDA on) parse against torch's headers.
+
+    A CPU wheel of torch lacks c10/cuda/impl/cuda_cmake_macros.h (it only defines the Windows
+    export macro), so C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips it; ATen/cuda/CUDAContext.h would
+    need cuBLAS/cuSPARSE headers, which is why the binding uses the c10/cuda headers only.
+    """
+    returncode, stderr = parsed_bindings[source]
+    assert returncode == 0, stderr[-4000:]

@@ -72,11 +72,11 @@ def assert_policy(fused, ref, dtype, *, train: bool) -> None:
     assert not failures, "\n".join(failures)
 
 
-# Each path once, in float64 where the interpreter's time allows (about 20 s a step; the
-# recomputing paths are checked in float64 op by op in tests/test_ops_registration.py).
+# Each path once, in float32 (about 20-40 s a step under the interpreter; every path is checked
+# in float64 op by op in tests/test_ops_registration.py).
 TRAINING_CASES = [
-    ("resnet18", False, torch.float32), ("resnet18", False, torch.float64),
-    ("resnet50", False, torch.float32), ("resnet18", True, torch.float32),
+    ("resnet18", False, torch.float32), ("resnet50", False, torch.float32),
+    ("resnet18", True, torch.float32),
 ]
 
 
