@@ -71,8 +71,8 @@ def static_choice(op: str, backend: Optional[str], device: torch.device) -> str:
     """The backend a call of ``op`` asking for ``backend`` runs on ``device`` when nothing is
     measured: ``backend``, else ``$RESNET_FAST_BACKEND``, else the static table (errors as
     :func:`~resnet_fast.backends.resolve_backend`)."""
-    if (backend is None and not os.environ.get(ENV_VAR) and op != "conv_bn_relu"
-            and "cuda" in available_backends(device)):
+    if (device.type == "cuda" and backend is None and not os.environ.get(ENV_VAR)
+            and op != "conv_bn_relu" and "cuda" in available_backends(device)):
         return "cuda"
     return resolve_backend(backend, device)
 

@@ -185,7 +185,9 @@ def test_train_ctrl_c_saves_a_checkpoint(tmp_path):
     assert "Traceback" not in stderr
     assert "checkpoint saved to" in stderr and "--resume" in stderr
     saved = torch.load(ckpt, weights_only=True)
-    assert 1 <= saved["step"] < 89
+    # Interrupted mid-run: the signal may land before the first step ends (step 0), never
+    # after the last (89 steps).
+    assert 0 <= saved["step"] < 89
 
 
 def _bad_input_cases(tmp_path):

@@ -190,7 +190,7 @@ def test_threads_share_one_decision(tuner):
 def test_static_table(monkeypatch):
     """Nothing measured: the asked-for backend, else $RESNET_FAST_BACKEND, else the device's
     default, but the cuda BatchNorm kernels before the Triton ones on a GPU."""
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object: no GPU needed
     assert dispatch.static_choice("batch_norm_relu", None, cpu) == "cpu"
     assert dispatch.static_choice("conv_bn_relu", "reference", cpu) == "reference"
     monkeypatch.setattr(dispatch, "available_backends", lambda d: ["triton", "cuda", "reference"])
