@@ -30,10 +30,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "../bn_act_math.h"
 #include "tensor_args.h"
 
@@ -252,23 +248,6 @@ void for_each_element(const Shape& s, const F& f) {
       for (; i < row_len; ++i) fl.template apply<acc_t>(base + i, c + i * kChannelsLast);
     }
   });
-}
-
-// A new activation-sized output. A large fresh allocation is an mmap whose 4 KB pages each
-// fault on first write, which can cost more than the write itself; the region is advised to
-// use transparent huge pages before anything touches it, cutting the faults 512-fold (what
-// PyTorch's THP_MEM_ALLOC_ENABLE does for every allocation). Advice only: where the kernel
-// declines, nothing changes.
-at::Tensor empty_output_like(const at::Tensor& x) {
-  at::Tensor t = at::empty_like(x);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t begin = (p + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t end = (p + t.nbytes()) & ~(kHugePage - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#endif
-  return t;
 }
 
 // Per-channel mean and scale (w * invstd) of both BatchNorm branches and their one bias (b, plus
@@ -567,7 +546,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(
 
   at::Tensor save_stats = at::empty({B, 2, C}, acc_opts);
   at::Tensor new_running = tracks ? at::empty({B, 2, C}, acc_opts) : at::empty({0}, acc_opts);
-  at::Tensor out = empty_output_like(x);
+  at::Tensor out = at::empty_like(x);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -627,9 +606,9 @@ bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::T
               "resnet_fast cpu backend: save_stats must be a contiguous (", B, ", 2, ", C,
               ") tensor of the accumulation dtype");
 
-  at::Tensor grad_input = empty_output_like(x);
+  at::Tensor grad_input = at::empty_like(x);
   at::Tensor grad_residual =
-      residual.has_value() ? empty_output_like(x) : at::empty({0}, acc_opts);
+      residual.has_value() ? at::empty_like(x) : at::empty({0}, acc_opts);
   at::Tensor grad_weight = at::empty({C}, acc_opts);
   at::Tensor grad_bias = at::empty({C}, acc_opts);
   at::Tensor grad_residual_weight = at::empty({residual_bn ? C : 0}, acc_opts);
@@ -723,7 +702,7 @@ at::Tensor bn_apply_cpu(const at::Tensor& x, const at::Tensor& stats, const at::
                   stats.scalar_type() == acc_opts.dtype().toScalarType(),
               "resnet_fast cpu backend: stats must be a contiguous (2, ", s.C,
               ") tensor of the accumulation dtype");
-  at::Tensor out = empty_output_like(x);
+  at::Tensor out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_apply_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<acc_t> affine(static_cast<size_t>(5 * s.C));  // r_* unused
