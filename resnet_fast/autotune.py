@@ -26,7 +26,9 @@ every candidate once, in an order shuffled afresh each round by ``random.Random(
 a machine whose speed drifts slows them alike. A measurement is one call of the ``timer``
 (``timer(fn) -> seconds per call``; the default is :func:`resnet_fast.timing.measurer`, the
 method of resnet_fast's benchmarks: ``torch.utils.benchmark.Timer`` on the CPU,
-``triton.testing.do_bench`` on CUDA), with the device synchronised before and after on CUDA.
+``triton.testing.do_bench`` on CUDA; on the CPU with ``min_run_time=0``, the default, one call
+timed by the wall clock, without the benchmark timer's untimed estimate call), with the device
+synchronised before and after on CUDA.
 Concurrent calls for one key time it once; the others wait for its result.
 
 Decision rule (:func:`decide`). The medians over the rounds are compared. The ``static``
@@ -67,6 +69,7 @@ import random
 import statistics
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
@@ -101,11 +104,11 @@ Candidate = Callable[[], object]
 
 DEFAULT_MARGIN = 0.03
 # The first step of a model times every call site's candidates: with one warm-up call and two
-# rounds of single-call measurements (the default timer's estimate call included: 5 calls a
-# candidate) a cold ResNet step costs a few warm ones; more rounds buy steadier decisions.
+# rounds of single-call measurements (3 calls a candidate) a cold ResNet step costs a few warm
+# ones; more rounds buy steadier decisions.
 DEFAULT_ROUNDS = 2
 # Each default-timer measurement runs the candidate for at least this long (seconds): 0, one
-# call after the timer's estimate.
+# call.
 DEFAULT_MIN_RUN_TIME = 0.0
 _FORMAT = 1  # of the cache file; part of its header
 _ENV_ENABLE = "RESNET_FAST_AUTOTUNE"
@@ -287,6 +290,12 @@ def _read_cache(path: Path, header: dict) -> dict[Key, dict]:
 
 
 def _default_timer(device: torch.device, min_run_time: float) -> Callable[[Candidate], float]:
+    if device.type != "cuda" and min_run_time <= 0:
+        def one_call(fn: Candidate) -> float:
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+        return one_call
     from resnet_fast.timing import measurer
 
     return lambda fn: measurer(fn, device, min_run_time)()

@@ -381,6 +381,26 @@ def test_default_timer_measures(tmp_path):
     assert 0 < record.times_ms["one"] < record.times_ms["twenty"]
 
 
+def test_default_timer_one_call_per_measurement(tmp_path):
+    """On the CPU with min_run_time 0 a measurement is one call: a candidate runs its warm-up
+    and one call per round, 3 calls with the default 2 rounds."""
+    x = torch.randn(64, 64)
+    calls = {"one": 0, "twenty": 0}
+
+    def counted(name, n):
+        def run():
+            calls[name] += 1
+            return [x @ x for _ in range(n)]
+        return run
+
+    tuner = Tuner(tmp_path / "cache", enabled=True)
+    assert tuner.min_run_time == 0 and tuner.rounds == autotune.DEFAULT_ROUNDS == 2
+    winner = tuner.choose(make_key("matmul", [x], False),
+                          {"one": counted("one", 1), "twenty": counted("twenty", 20)}, "twenty")
+    assert winner == "one"
+    assert calls == {"one": 3, "twenty": 3}
+
+
 def test_format_table(tmp_path):
     fake = Fake({"aten": 1e-3, "fused": 5e-4, "broken": 1e-6}, fail=("broken",))
     tuner = _tuner(tmp_path, fake)
