@@ -21,9 +21,13 @@ Where a choice comes from, in order:
 With autotuning off (``RESNET_FAST_AUTOTUNE=0``) every choice is the static one: no cache is
 read, nothing is timed or written.
 
-Timing. Every candidate is called once untimed (a warm-up), then ``rounds`` rounds each measure
-every candidate once, in an order shuffled afresh each round by ``random.Random(seed)``, so that
-a machine whose speed drifts slows them alike. A measurement is one call of the ``timer``
+Timing. Every candidate is called once untimed (a warm-up), then at least ``rounds`` rounds each
+measure every candidate once, in an order shuffled afresh each round by ``random.Random(seed)``,
+so that a machine whose speed drifts slows them alike. More rounds follow, up to
+``max_rounds``, while the measured time of the key's candidates together is under
+``budget_s`` (20 ms by default): a call site of a few hundred microseconds, where one call is
+at the mercy of the noise, gets a median over many calls, one of tens of milliseconds its
+minimum rounds only. A measurement is one call of the ``timer``
 (``timer(fn) -> seconds per call``; the default is :func:`resnet_fast.timing.measurer`, the
 method of resnet_fast's benchmarks: ``torch.utils.benchmark.Timer`` on the CPU,
 ``triton.testing.do_bench`` on CUDA; on the CPU with ``min_run_time=0``, the default, one call
@@ -105,8 +109,11 @@ Candidate = Callable[[], object]
 DEFAULT_MARGIN = 0.03
 # The first step of a model times every call site's candidates: with one warm-up call and two
 # rounds of single-call measurements (3 calls a candidate) a cold ResNet step costs a few warm
-# ones; more rounds buy steadier decisions.
+# ones; more rounds buy steadier decisions. Rounds go on, up to DEFAULT_MAX_ROUNDS, while a
+# key's measured time is under DEFAULT_BUDGET_S, which bounds what a small call site adds.
 DEFAULT_ROUNDS = 2
+DEFAULT_MAX_ROUNDS = 15
+DEFAULT_BUDGET_S = 0.02
 # Each default-timer measurement runs the candidate for at least this long (seconds): 0, one
 # call.
 DEFAULT_MIN_RUN_TIME = 0.0
@@ -309,16 +316,23 @@ class Tuner:
     ``enabled``: whether misses are timed (default: :func:`autotune_enabled`, read at every
     miss); ``timer``: ``timer(fn) -> seconds`` for one measurement (default: resnet_fast's
     benchmark method with ``min_run_time``); ``margin``, ``rounds``, ``seed``: the decision
-    rule's noise margin, the rounds of measurements and the seed of their shuffled orders.
+    rule's noise margin, the least rounds of measurements and the seed of their shuffled
+    orders; ``budget_s``, ``max_rounds``: more rounds run while a key's measured seconds are
+    under ``budget_s``, up to ``max_rounds`` in all (``budget_s=0``: ``rounds`` exactly).
     """
 
     def __init__(self, cache_dir: Optional[os.PathLike] = None, *,
                  enabled: Optional[bool] = None,
                  timer: Optional[Callable[[Candidate], float]] = None,
                  margin: float = DEFAULT_MARGIN, rounds: int = DEFAULT_ROUNDS, seed: int = 0,
-                 min_run_time: float = DEFAULT_MIN_RUN_TIME):
+                 min_run_time: float = DEFAULT_MIN_RUN_TIME,
+                 budget_s: float = DEFAULT_BUDGET_S, max_rounds: int = DEFAULT_MAX_ROUNDS):
         if rounds < 1:
             raise ValueError(f"rounds must be at least 1, got {rounds}")
+        if max_rounds < rounds:
+            raise ValueError(f"max_rounds must be at least rounds ({rounds}), got {max_rounds}")
+        if budget_s < 0:
+            raise ValueError(f"budget_s must be at least 0, got {budget_s}")
         if not 0.0 <= margin < 1.0:
             raise ValueError(f"margin must be in [0, 1), got {margin}")
         self._cache_dir = None if cache_dir is None else Path(cache_dir)
@@ -326,6 +340,8 @@ class Tuner:
         self._timer = timer
         self.margin = margin
         self.rounds = rounds
+        self.max_rounds = max_rounds
+        self.budget_s = budget_s
         self.seed = seed
         self.min_run_time = min_run_time
         self._lock = threading.Lock()  # guards everything below
@@ -488,7 +504,10 @@ class Tuner:
             else:
                 times[name] = []
         rng = random.Random(self.seed)
-        for _ in range(self.rounds):
+        for done in range(self.max_rounds):
+            if done >= self.rounds and (
+                    not times or sum(map(sum, times.values())) >= self.budget_s):
+                break
             order = list(times)
             rng.shuffle(order)
             for name in order:

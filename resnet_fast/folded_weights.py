@@ -1,10 +1,10 @@
 """The ``cpu`` backend's cache of folded, prepacked conv weights.
 
 In eval the ``cpu`` backend runs a conv layer as one oneDNN call with the BatchNorm folded into
-the conv's weight and bias, the weight prepacked in oneDNN's blocked layout
-(:mod:`resnet_fast.ops`). Folding and packing cost more than a small layer's conv, so the
-result is kept per conv weight and made again only when one of the tensors that went in
-changes (its storage or in-place version: :func:`version_key`).
+the conv's weight and bias, the weight prepacked in oneDNN's blocked layout for a channels_last
+input (dense for an NCHW one; :mod:`resnet_fast.ops`). Folding and packing cost more than a
+small layer's conv, so the result is kept per conv weight and made again only when one of the
+tensors that went in changes (its storage or in-place version: :func:`version_key`).
 
 Entries: id(conv weight) -> (weak reference to it, cache key, value). An entry goes when its
 weight is freed, and the least recently used one when more than ``CACHE_SIZE`` weights are

@@ -42,10 +42,11 @@ the registered kernel copies into the running buffers.
 Kernels behind ``conv_bn_act``: ``triton`` and ``cuda`` fuse the input normalisation into the
 conv's load and the BatchNorm (+ residual + ReLU) or the statistics into its epilogue (one
 launch in eval); ``cpu`` runs oneDNN's conv with the BatchNorm folded into its weight and bias
-in eval (weights folded and prepacked once per parameter version), and in training PyTorch's
-conv and ``convolution_backward`` composed with the C++ ``bn_act`` kernels in one C++ call per
-direction (``_C.conv_bn_act_forward_cpu`` / ``_C.conv_bn_act_backward_cpu``), the input's
-deferred BatchNorm applied by a one-pass kernel before the conv and recomputed in backward.
+in eval (weights folded, and prepacked for a channels_last input, once per parameter version),
+and in training PyTorch's conv and ``convolution_backward`` composed with the C++ ``bn_act``
+kernels in one C++ call per direction (``_C.conv_bn_act_forward_cpu`` /
+``_C.conv_bn_act_backward_cpu``), the input's deferred BatchNorm applied by a one-pass kernel
+before the conv and recomputed in backward.
 """
 
 from __future__ import annotations
@@ -251,22 +252,34 @@ def _eval_stats(running_mean: Tensor, running_var: Tensor, eps: float) -> Tensor
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _onednn_folded_weights(weight, conv_bias, batch_norm, input_shape, stride, padding,
-                           dilation, groups, cache_key):
-    """``(prepacked weight, bias, save_stats)``: the conv weight and bias with the BatchNorm
-    folded in, the weight in oneDNN's blocked layout for ``input_shape``; ``batch_norm()`` gives
-    the ``(save_stats, scale, shift)`` to fold. Kept in :mod:`resnet_fast.folded_weights` per
-    ``weight`` under ``cache_key`` (the storage and version of every parameter and statistic
-    that went in), so a module folds and packs once per parameter update, not per call."""
+def _onednn_prepacks(x: Tensor, residual: Optional[Tensor]) -> bool:
+    """Whether the folded oneDNN call of input ``x`` takes its weight prepacked in oneDNN's
+    blocked layout: for a channels_last input. With an NCHW one a prepacked weight makes the
+    call run channels_last (the input converted on the way in, the output on the way out), so
+    the weight stays dense, except for a bfloat16 residual add, which PyTorch's dense-weight
+    path does not take."""
+    return (memory_format_of(x) == torch.channels_last
+            or (residual is not None and x.dtype == torch.bfloat16))
+
+
+def _onednn_folded_weights(weight, conv_bias, batch_norm, input_shape, prepack, stride,
+                           padding, dilation, groups, cache_key):
+    """``(weight, bias, save_stats)``: the conv weight and bias with the BatchNorm folded in;
+    ``batch_norm()`` gives the ``(save_stats, scale, shift)`` to fold; with ``prepack`` the
+    weight in oneDNN's blocked layout for ``input_shape`` (:func:`_onednn_prepacks`). Kept in
+    :mod:`resnet_fast.folded_weights` per ``weight`` under ``cache_key`` (the storage and
+    version of every parameter and statistic that went in, the input's shape, ``prepack``), so
+    a module folds and packs once per parameter update, not per call."""
 
     def fold():
         save_stats, scale, shift = batch_norm()
         folded_bias = shift if conv_bias is None else shift + conv_bias.to(scale.dtype) * scale
         folded = (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(weight.dtype)
-        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-            folded.to_mkldnn(), list(padding), list(stride), list(dilation), groups,
-            list(input_shape))
-        return packed, folded_bias.to(weight.dtype), save_stats
+        if prepack:
+            folded = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                folded.to_mkldnn(), list(padding), list(stride), list(dilation), groups,
+                list(input_shape))
+        return folded, folded_bias.to(weight.dtype), save_stats
 
     return folded_weights.cached(weight, cache_key, fold)
 
@@ -347,18 +360,20 @@ def _conv_bn_act_forward(
     if launch is None:  # cpu, not the composite: one oneDNN call
         key = folded_weights.version_key(weight, conv_bias, bn_weight, bn_bias, running_mean,
                                          running_var)
-        packed, folded_bias, save_stats = _onednn_folded_weights(
-            weight, conv_bias, eval_batch_norm, x.shape, *conv_args,
-            cache_key=None if key is None else (key, eps, tuple(x.shape), *map(tuple, (
-                stride, padding, dilation)), groups))
+        prepack = _onednn_prepacks(x, r)
+        folded_w, folded_bias, save_stats = _onednn_folded_weights(
+            weight, conv_bias, eval_batch_norm, x.shape, prepack, *conv_args,
+            cache_key=None if key is None else (key, eps, tuple(x.shape), prepack,
+                                                *map(tuple, (stride, padding, dilation)),
+                                                groups))
         unary = "relu" if relu else None
         if r is None:
             out = torch.ops.mkldnn._convolution_pointwise(
-                x, packed, folded_bias, padding, stride, dilation, groups, unary or "none",
+                x, folded_w, folded_bias, padding, stride, dilation, groups, unary or "none",
                 [None] if relu else [], "" if relu else None)
         else:
             out = torch.ops.mkldnn._convolution_pointwise.binary(
-                x, r, packed, folded_bias, padding, stride, dilation, groups, "add", None,
+                x, r, folded_w, folded_bias, padding, stride, dilation, groups, "add", None,
                 unary, [None] if relu else [], "" if relu else None)
         return out.contiguous(memory_format=fmt), empty(), save_stats, empty()
 

@@ -60,6 +60,7 @@ class Fake:
 
 def _tuner(tmp_path, fake: Fake = None, **kwargs) -> Tuner:
     kwargs.setdefault("enabled", True)
+    kwargs.setdefault("budget_s", 0.0)
     return Tuner(tmp_path / "cache", timer=None if fake is None else fake.timer, rounds=ROUNDS,
                  **kwargs)
 
@@ -117,6 +118,18 @@ def test_decide_margin_is_a_parameter():
     assert decide({"aten": 1.0, "fused": 0.9}, "aten", margin=0.2) == "aten"
     assert decide({"aten": 1.0, "fused": 0.9}, "aten", margin=0.0) == "fused"
     assert decide({"aten": 1.0, "fused": 1.0}, "aten", margin=0.0) == "aten"
+
+
+@pytest.mark.parametrize("seconds,rounds", [(1e-3, 10), (4e-3, 3), (5e-2, ROUNDS),
+                                             (1e-5, 15)])
+def test_rounds_follow_the_time_budget(tmp_path, seconds, rounds):
+    """After its least rounds a key is measured further while its candidates' measured time is
+    under the budget, up to max_rounds: a cheap call site gets a median over many calls, an
+    expensive one its least rounds."""
+    fake = Fake({"aten": seconds, "fused": seconds / 2})
+    tuner = _tuner(tmp_path, fake, budget_s=0.015, max_rounds=15)
+    assert tuner.choose(_key(), fake.candidates, "aten") == "fused"
+    assert fake.measured == {"aten": rounds, "fused": rounds}
 
 
 def test_fastest_wins_by_median(tmp_path):
@@ -317,7 +330,8 @@ def test_directory_that_cannot_be_made_warns_once_and_takes_static(tmp_path):
     (tmp_path / "file").write_text("")
     fake = Fake({"aten": 1e-3, "fused": 5e-4})
     _warns_once_and_takes_static(Tuner(tmp_path / "file" / "cache", enabled=True,
-                                       timer=fake.timer, rounds=ROUNDS), fake, "cannot write")
+                                       timer=fake.timer, rounds=ROUNDS, budget_s=0.0), fake,
+                                 "cannot write")
 
 
 def test_failed_write_keeps_the_winner_in_memory(tmp_path, monkeypatch):
@@ -383,7 +397,7 @@ def test_default_timer_measures(tmp_path):
 
 def test_default_timer_one_call_per_measurement(tmp_path):
     """On the CPU with min_run_time 0 a measurement is one call: a candidate runs its warm-up
-    and one call per round, 3 calls with the default 2 rounds."""
+    and one call per round, 3 calls with the default 2 rounds (and no time budget)."""
     x = torch.randn(64, 64)
     calls = {"one": 0, "twenty": 0}
 
@@ -393,7 +407,7 @@ def test_default_timer_one_call_per_measurement(tmp_path):
             return [x @ x for _ in range(n)]
         return run
 
-    tuner = Tuner(tmp_path / "cache", enabled=True)
+    tuner = Tuner(tmp_path / "cache", enabled=True, budget_s=0.0)
     assert tuner.min_run_time == 0 and tuner.rounds == autotune.DEFAULT_ROUNDS == 2
     winner = tuner.choose(make_key("matmul", [x], False),
                           {"one": counted("one", 1), "twenty": counted("twenty", 20)}, "twenty")

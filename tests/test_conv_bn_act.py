@@ -157,6 +157,41 @@ def test_eval_folds_and_packs_once_per_parameter_version(backend, device):
     assert key not in folded_weights._CACHE
 
 
+@pytest.mark.parametrize("backend", ["cpu"], indirect=True)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_eval_runs_in_the_input_layout(backend, device, layout, residual):
+    """The folded oneDNN call runs in the input's layout: a prepacked weight only for a
+    channels_last input (with an NCHW float32 one it would make oneDNN convert the input to
+    channels_last and the output back), and no activation-sized copy either way."""
+    x, w, cb, bn, r = _eval_tensors(torch.float32, layout, residual, device)
+
+    def run():
+        with torch.no_grad():
+            return functional.conv_bn_relu(x, w, *bn, False, conv_bias=cb, padding=1,
+                                           stride=2, residual=r, backend="cpu")
+
+    run()  # folds and packs
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=True) as prof:
+        out = run()
+    copies = [e.input_shapes for e in prof.events()
+              if e.name in ("aten::copy_", "aten::clone") and e.input_shapes
+              and len(e.input_shapes[0]) == 4]
+    assert copies == []
+    assert folded_weights._CACHE[id(w)][2][0].is_mkldnn == (layout == "channels_last")
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)
+    expected = reference.conv_bn_relu(x.double(), w.double(), *(t.double() for t in bn), False,
+                                      conv_bias=cb.double(), padding=1, stride=2,
+                                      residual=None if r is None else r.double())
+    eager = reference.conv_bn_relu(x, w, *bn, False, conv_bias=cb, padding=1, stride=2,
+                                   residual=r)
+    err = (out.double() - expected).abs().max().item()
+    assert err <= tolerance(expected, (eager.double() - expected).abs().max().item(),
+                            torch.float32), err
+
+
 def _chain(fn, x, p, defer, backend=None):
     """conv1 -> BN1 -> ReLU -> conv2 -> BN2 (+ x) -> ReLU, the first BatchNorm deferred."""
     kwargs = {} if backend is None else dict(backend=backend, defer=defer)
