@@ -3,8 +3,11 @@
 Providers, all measured in the same run on the same inputs: ``eager`` (F.batch_norm, add, relu
 as separate ops), ``compile`` (torch.compile of that eager code, default mode, compiled afresh
 after ``torch._dynamo.reset()`` for every shape, op and mode; ``recompiles`` counts its
-compilations after the first call) and every resnet_fast kernel backend available on the
-device (``cpu``; ``triton``, ``cuda``).
+compilations after the first call), every resnet_fast kernel backend available on the
+device (``cpu``; ``triton``, ``cuda``) and ``fused``, resnet_fast's default backend as a user
+calls it: with measured dispatch (:mod:`resnet_fast.dispatch`) the fastest of the backends and
+ATen's sequence, timed in the first untimed call (``RESNET_FAST_AUTOTUNE=0``: the static
+table).
 
 Shape sets: ``resnet50``, the BatchNorm layers of ResNet-50 (batch 32 at 64x64 input on the
 CPU, batch 256 at 224x224 on a GPU), over which the summary takes its geometric means, and
@@ -101,10 +104,11 @@ def provider_fn(provider: str, op: str):
 
         return compiled(eager) if provider == "compile" else eager
     fused = getattr(functional, op)
+    backend = None if provider == "fused" else provider
 
     def run(t, training):
         args = (t["x"], t["r"]) if t["r"] is not None else (t["x"],)
-        return fused(*args, t["rm"], t["rv"], t["w"], t["b"], training, backend=provider)
+        return fused(*args, t["rm"], t["rv"], t["w"], t["b"], training, backend=backend)
 
     return run
 
@@ -149,7 +153,8 @@ def main(argv=None) -> int:
     p.add_argument("--ops", default=",".join(OPS))
     p.add_argument("--modes", default="train", help=f"comma-separated from {','.join(MODES)}")
     p.add_argument("--providers", default=None,
-                   help="comma-separated (default: eager, compile and every available backend)")
+                   help="comma-separated (default: eager, compile, every available backend and "
+                        "fused)")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--image", type=int, default=None, help="input image size the shapes follow")
     p.add_argument("--shapes", default=None, help="e.g. 32x256x32x32;8x64x16x16 (overrides)")
@@ -183,7 +188,8 @@ def main(argv=None) -> int:
     backends = [b for b in resnet_fast.available_backends(device) if b != "reference"]
     if args.quick:  # neither torch.compile (its compilations take minutes) nor Triton's interpreter
         backends = [b for b in backends if gpu or b != "triton"]
-    default = ["eager", *backends] if args.quick else ["eager", "compile", *backends]
+    default = ["eager", *backends, "fused"] if args.quick else [
+        "eager", "compile", *backends, "fused"]
     providers = args.providers.split(",") if args.providers else default
     reps = args.reps or quick.get("reps") or (20 if gpu else 7)
     warmup = args.warmup if args.warmup is not None else (10 if gpu else 3)

@@ -28,7 +28,11 @@ Providers, all measured in the same run on the same input values:
 ``cpu``, ``triton``, ``cuda``
                  ``functional.conv_bn_relu(..., backend=...)``, each resnet_fast backend
                  available on the device. ``cuda`` (CUTLASS) takes float16/bfloat16 with channel
-                 counts that are multiples of 8; other layers and dtypes are skipped, saying why.
+                 counts that are multiples of 8; other layers and dtypes are skipped, saying why;
+``fused``        ``functional.conv_bn_relu`` with the default backend, as a user calls it: with
+                 measured dispatch (:mod:`resnet_fast.dispatch`) each layer runs the fastest of
+                 the device's backends and ATen's sequence, timed in the untimed first call (a
+                 warm cache afterwards; ``RESNET_FAST_AUTOTUNE=0``: the static table).
 
 A provider that raises on a layer is reported (``FAILED``, and under ``failed`` in the JSON),
 left out of the rows, and the run goes on; the exit status is then 1.
@@ -82,6 +86,8 @@ weighted by count:
 * GPU eval: fused conv + BN + ReLU time <= ``conv_only`` (unweighted median over layers of
   the ratio);
 * GPU training: >= 1.25x eager and >= 1.05x compile;
+* ``fused`` (measured dispatch), every mode: no layer below 0.97x eager (the worst layer's
+  ``vs_eager``, ``worst_vs_eager`` in the summary);
 
 training judged both on ``train (model)`` and on ``train``.
 
@@ -125,6 +131,7 @@ EPS = 1e-5
 MODES = ("eval", "train", "train_deferred")
 QUICK_LAYERS = ("r50.s1.3x3", "r50.s3.expand", "r50.s4.down")
 OURS = ("cpu", "triton", "cuda", "reference")
+FUSED = "fused"  # resnet_fast's default backend: measured dispatch
 
 
 # ----------------------------------------------------------------------------------- layers
@@ -360,16 +367,18 @@ def provider_call(provider: str, layer: Layer, mode: str,
         return (lambda: f(t.x, t.w, t.rm, t.rv, t.bw, t.bb, t.r, prev)), grads, (
             f if provider == "compile" else None)
     training = mode != "eval"
+    backend = None if provider == FUSED else provider
+    stats_backend = backend or resnet_fast.backends.resolve_backend(None, t.x.device)
 
     def ours():
         x = t.x
         if deferred:
-            x = functional.DeferredBatchNorm(t.raw_prev, deferred_stats(t, provider), t.pw, t.pb,
-                                             True, EPS, provider)
+            x = functional.DeferredBatchNorm(t.raw_prev, deferred_stats(t, stats_backend), t.pw,
+                                             t.pb, True, EPS, backend)
         return functional.conv_bn_relu(x, t.w, t.rm, t.rv, t.bw, t.bb, training, 0.1, EPS,
                                        stride=layer.stride, padding=layer.padding,
                                        dilation=layer.dilation, residual=t.r, relu=layer.relu,
-                                       backend=provider)
+                                       backend=backend)
     return ours, grads, None
 
 
@@ -444,9 +453,9 @@ def main(argv=None) -> int:
                    help="comma-separated glob patterns or substrings of layer names, e.g. "
                         "'r50.s1.*,r18' or '3x3' (see --list-layers)")
     p.add_argument("--providers", default=None,
-                   help="comma-separated from eager, eager_nchw, eager_cl, compile, conv_only "
-                        "and the backends (default: eager, the other eager layout on the CPU, "
-                        "compile, conv_only on CUDA, every available backend)")
+                   help="comma-separated from eager, eager_nchw, eager_cl, compile, conv_only, "
+                        "the backends and fused (default: eager, the other eager layout on the "
+                        "CPU, compile, conv_only on CUDA, every available backend, fused)")
     p.add_argument("--repeat", type=int, default=None,
                    help="rounds, each measuring every provider once (default: 10 CPU, 20 CUDA; "
                         "3 with --quick)")
@@ -497,13 +506,13 @@ def main(argv=None) -> int:
 
     backends = [b for b in resnet_fast.available_backends(device) if b != "reference"]
     default = ["eager"] + ([] if gpu else [other_eager]) + ["compile"] + (
-        ["conv_only"] if gpu else []) + backends
+        ["conv_only"] if gpu else []) + backends + [FUSED]
     providers = []
     for name in (args.providers.split(",") if args.providers else default):
         name = "eager" if name == same_eager else name
         if name and name not in providers:
             providers.append(name)
-    known = {"eager", other_eager, "compile", "conv_only", *OURS}
+    known = {"eager", other_eager, "compile", "conv_only", FUSED, *OURS}
     bad = [q for q in providers if q not in known]
     if bad:
         print(f"error: unknown provider(s) {bad}; expected from {sorted(known)}", file=sys.stderr)
@@ -685,6 +694,7 @@ def summarize(rows) -> list[dict]:
                     vals = [r[k] for r in rs]
                     s[k] = geomean(vals, [r["count"] for r in rs])
                     s[k + "_unweighted"] = geomean(vals)
+                s["worst_vs_eager"] = min((r["vs_eager"] for r in rs), default=None)
                 conv = [r["vs_conv_only"] for r in rs if r["vs_conv_only"] is not None]
                 s["vs_conv_only_median"] = statistics.median(conv) if conv else None
                 out.append(s)
@@ -706,14 +716,16 @@ def targets(summary, device_type: str) -> list[dict]:
         missing = [q for q in needs if find(q) is None]
         value = s.get(key) if s and not missing else None
         out.append(dict(backend=backend, target=what, mode=mode, ratio=key, value=value,
-                        unweighted=s.get(key + "_unweighted")
-                        if value is not None and key != "vs_conv_only_median" else None,
+                        unweighted=s.get(key + "_unweighted") if value is not None else None,
                         bound=bound, met=None if value is None else value >= bound,
                         missing=missing))
 
     eager_other = sorted({s["provider"] for s in summary if s["provider"].startswith("eager_")})
     eager_other = eager_other or ["eager_nchw or eager_cl"]
-    for backend in sorted({s["provider"] for s in summary if s["provider"] in OURS}):
+    if any(s["provider"] == FUSED for s in summary):
+        for mode in ("eval", "train (model)", "train"):
+            add(FUSED, "no layer below 0.97x eager", mode, "worst_vs_eager", 0.97, [])
+    for backend in sorted({s["provider"] for s in summary if s["provider"] in OURS + (FUSED,)}):
         if device_type == "cpu":
             add(backend, "eval >= 1.15x the fastest of eager NCHW, eager channels_last, compile",
                 "eval", "vs_best_baseline", 1.15, eager_other + ["compile"])
@@ -742,13 +754,14 @@ def print_summary(summary, target_rows, eager_other: bool) -> None:
         return f"{s[k]:.2f}x [{s[k + '_unweighted']:.2f}x]".ljust(16)
 
     print(f"  {'mode':14} {'network':9} {'provider':10} {'layers':>6}  "
-          + " ".join(h.ljust(16) for h in head) + " vs_conv_only (median)")
+          + " ".join(h.ljust(16) for h in head) + " worst vs_eager  vs_conv_only (median)")
     for s in summary:
         if s["provider"] == "eager":
             continue
         conv = s["vs_conv_only_median"]
         print(f"  {s['mode']:14} {s['network']:9} {s['provider']:10} {s['layers']:>6}  "
-              + " ".join(cell(s, h) for h in head) + (f" {conv:.2f}x" if conv else " -"))
+              + " ".join(cell(s, h) for h in head) + f" {s['worst_vs_eager']:.2f}x".ljust(16)
+              + (f" {conv:.2f}x" if conv else " -"))
     print("\ntargets (all measured layers, weighted by occurrences)")
     for t in target_rows:
         verdict = {True: "MET", False: "NOT MET", None: "not measured"}[t["met"]]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shutil
 import subprocess
@@ -31,6 +30,10 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+import torch
+
+from resnet_fast.timing import provenance, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "mutants_cpu.json"
@@ -308,29 +311,6 @@ def run_mutant(m: Mutant, scratch: Path, env: dict, built: dict) -> dict:
             "output_tail": None if caught else run.output_tail}
 
 
-def device_info() -> dict:
-    import torch
-
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-
-    def git(*args):
-        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True,
-                              text=True).stdout.strip()
-
-    commit = git("rev-parse", "HEAD") or "unknown"
-    if git("status", "--porcelain"):
-        commit += " with local changes"
-    return {"device": model, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "commit": commit}
-
-
 def describe_failures(result: dict) -> str:
     if not result["caught"]:
         why = f"timed out after {TEST_TIMEOUT_S} s" if result["rc"] == -1 else f"rc {result['rc']}"
@@ -363,6 +343,10 @@ def main(argv=None) -> int:
     selected = [m for m in MUTANTS if args.only in (None, m.name)]
     if not selected:
         raise SystemExit(f"no mutant named {args.only!r}; --list shows them")
+    # Taken before the scratch copy exists: the commit, the command line and the load at the
+    # start, like every result file.
+    prov = provenance(torch.device("cpu"), warmup=None, reps=None, maxfail=MAXFAIL,
+                      test_timeout_s=TEST_TIMEOUT_S)
     start = time.perf_counter()
     scratch = make_scratch(ROOT)
     try:
@@ -404,10 +388,9 @@ def main(argv=None) -> int:
           + (f"; not caught: {', '.join(survivors)}" if survivors else ""))
     if args.only is None:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps({
-            **device_info(), "maxfail": MAXFAIL, "total_seconds": round(total, 1),
-            "caught": len(results) - len(survivors), "mutants": len(results),
-            "baseline": baseline, "results": results}, indent=2) + "\n")
+        write_json(RESULTS, prov, {
+            "total_seconds": round(total, 1), "caught": len(results) - len(survivors),
+            "mutants": len(results), "baseline": baseline, "results": results})
         print(f"wrote {RESULTS.relative_to(ROOT)}")
     return 1 if survivors else 0
 

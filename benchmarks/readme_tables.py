@@ -147,8 +147,9 @@ OP_NAMES = {"batch_norm_relu": "BN + ReLU", "batch_norm_add_relu": "BN + add + R
 
 
 def conv_table(results: Path) -> tuple[str, list[str]]:
-    """Per mode, resnet_fast's geometric mean speed-up over every conv layer measured (weighted
-    by how often each occurs) against each baseline."""
+    """Per mode and resnet_fast provider (the ``cpu`` backend; ``fused``, measured dispatch),
+    the geometric mean speed-up over every conv layer measured (weighted by how often each
+    occurs) against each baseline, and the worst layer's against eager."""
     name = "conv_bn_act_cpu.json"
     data = load(results, name)
     config = data["config"]
@@ -157,15 +158,18 @@ def conv_table(results: Path) -> tuple[str, list[str]]:
             "train_deferred": "training, input deferred from the previous layer",
             "train (model)": "training as the model runs each layer"}
     out = []
-    for s in data["summary"]:
-        if s["network"] == "all" and s["provider"] == "cpu" and s["mode"] in what:
-            out.append([what[s["mode"]], x(s["vs_eager"]), x(s["vs_best_eager"]),
-                        x(s["vs_compile"]), x(s["vs_best_baseline"])])
+    for mode in what:
+        for s in data["summary"]:
+            if (s["network"], s["mode"]) == ("all", mode) and s["provider"] in ("cpu", "fused"):
+                out.append([what[mode], f"`{s['provider']}`", x(s["vs_eager"]),
+                            x(s["vs_best_eager"]), x(s["vs_compile"]),
+                            x(s["vs_best_baseline"]), x(s.get("worst_vs_eager"))])
     first = data["rows"][0]
     head = [f"{first['device']}, {config['dtype']}, {config['layout']}, batch "
-            f"{config['batch']} at {config['image']}x{config['image']}: mode",
-            "vs eager", "vs faster eager layout", "vs `torch.compile`", "vs fastest of the three"]
-    return table(head, out, grouped=0), [name]
+            f"{config['batch']} at {config['image']}x{config['image']}: mode", "resnet_fast",
+            "vs eager", "vs faster eager layout", "vs `torch.compile`", "vs fastest of the three",
+            "worst layer vs eager"]
+    return table(head, out, grouped=1), [name]
 
 
 def model_table(results: Path, name: str) -> tuple[str, list[str]]:
@@ -231,6 +235,8 @@ TABLES: dict[str, Callable[[Path], tuple[str, list[str]]]] = {
     "model_cpu": functools.partial(model_table, name="model_cpu_resnet50.json"),
     "model_cpu_cifar_resnet18": functools.partial(model_table,
                                                   name="model_cpu_cifar_resnet18.json"),
+    "model_cpu_cifar_resnet18_bf16": functools.partial(
+        model_table, name="model_cpu_cifar_resnet18_bf16.json"),
     "model_cpu_resnet50_224": functools.partial(model_table, name="model_cpu_resnet50_224.json"),
     "kernel_bandwidth": kernel_bandwidth_table,
 }

@@ -239,12 +239,13 @@ def git_commit() -> tuple[Optional[str], Optional[bool]]:
     return git("rev-parse", "HEAD"), (None if status is None else bool(status))
 
 
-def provenance(device: torch.device, warmup: int, reps: int,
+def provenance(device: torch.device, warmup: Optional[int], reps: Optional[int],
                argv: Optional[list[str]] = None, **settings) -> dict:
     """Where a result comes from: the device, the versions, the commit of the code, the command
     line (``argv``, default ``sys.argv``), the warm-up calls and repetitions, the threads, the
     load average when it was taken (call it at the start of a run) and any further
-    ``settings``."""
+    ``settings``. A result that times nothing passes ``warmup=reps=None`` and gets no timing
+    method."""
     from resnet_fast._version import __version__
 
     device = torch.device(device)
@@ -271,10 +272,11 @@ def provenance(device: torch.device, warmup: int, reps: int,
         "command": [Path(sys.executable).name, *(sys.argv if argv is None else argv)],
         "warmup": warmup,
         "reps": reps,
-        "timing": ("triton.testing.do_bench" if device.type == "cuda" and _triton_do_bench()
-                   else "CUDA events, L2 flushed" if device.type == "cuda"
-                   else "torch.utils.benchmark.Timer.blocked_autorange")
-        + ", providers interleaved in shuffled order",
+        "timing": None if reps is None else (
+            ("triton.testing.do_bench" if device.type == "cuda" and _triton_do_bench()
+             else "CUDA events, L2 flushed" if device.type == "cuda"
+             else "torch.utils.benchmark.Timer.blocked_autorange")
+            + ", providers interleaved in shuffled order"),
         "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     info.update(settings)
