@@ -24,6 +24,9 @@ device; eval or training, and whether a gradient is recorded. Each candidate is 
 scratch copies of the call's tensors (running statistics and counters included: the user's
 state is updated once, by the real call), forward + backward when the call records a gradient.
 
+A conv call with ``recompute`` (a ``memory_efficient`` model) is not measured: it runs the
+device's fused backend, since ATen's sequence keeps for backward what eager keeps.
+
 A :class:`~resnet_fast.functional.DeferredBatchNorm` hand-off is part of the plan: a producer
 always defers (its conv + statistics is the least work whoever consumes it), and the consumer's
 candidates are timed as they take it: a fused backend normalises it on load, ``aten``

@@ -315,11 +315,10 @@ def _aten_conv_bn_relu(input: Union[Tensor, "DeferredBatchNorm"], conv_weight: T
                        bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], training: bool,
                        momentum: Optional[float], eps: float, *, conv_bias: Optional[Tensor],
                        stride, padding, dilation, groups: int, residual: Optional[Tensor],
-                       relu: bool, num_batches_tracked: Optional[Tensor],
-                       recompute: bool) -> Tensor:
+                       relu: bool, num_batches_tracked: Optional[Tensor]) -> Tensor:
     """:func:`conv_bn_relu` as ATen's sequence (the ``aten`` candidate of measured dispatch):
     a deferred input materialised, then ``conv2d``, ``batch_norm``, the residual add and ReLU,
-    as eager runs the modules (``recompute`` changes nothing there)."""
+    as eager runs the modules."""
     if isinstance(input, DeferredBatchNorm):
         input = input.materialize()
     y = F.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
@@ -450,7 +449,8 @@ def conv_bn_relu(
 
     ``recompute=True`` trades compute for memory: backward runs the conv once more instead of
     keeping its output (the op then keeps only its input and the residual for backward; the
-    gradients are the same). A deferred result keeps nothing of its own either way.
+    gradients are the same); measured dispatch leaves such a call to the fused backend. A
+    deferred result keeps nothing of its own either way.
 
     Under ``torch.autocast`` the conv runs in the autocast dtype, as ``F.conv2d`` does, and the
     BatchNorm tensors keep theirs. channels_last input is the fast layout; the output has the
@@ -503,17 +503,18 @@ def conv_bn_relu(
                          "must be None (add it where the BatchNorm is applied)")
     conv_args = dict(conv_bias=conv_bias, stride=stride, padding=padding, dilation=dilation,
                      groups=groups)
-    if not defer and name != "reference" and dispatch.measured(backend):
+    # A recomputing call is not measured: ATen's sequence keeps what eager keeps for backward,
+    # and recompute is asked for to keep less.
+    if not defer and not recompute and name != "reference" and dispatch.measured(backend):
         call = dict(input=input if deferred is not None else x, conv_weight=conv_weight,
                     running_mean=running_mean, running_var=running_var, bn_weight=bn_weight,
                     bn_bias=bn_bias, training=training, momentum=momentum, eps=eps,
                     residual=residual, relu=relu, num_batches_tracked=num_batches_tracked,
-                    recompute=recompute, **conv_args)
+                    **conv_args)
         name = dispatch.choose(
             "conv_bn_relu", x.device, training, call,
             {"fused": conv_bn_relu, dispatch.ATEN: _aten_conv_bn_relu}, (conv_weight,),
-            stride=stride,
-            padding=padding, dilation=dilation, groups=groups, relu=relu, recompute=recompute,
+            stride=stride, padding=padding, dilation=dilation, groups=groups, relu=relu,
             momentum_none=momentum is None,
             deferred_relu=None if deferred is None else deferred.relu)
         if name == dispatch.ATEN:

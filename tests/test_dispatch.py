@@ -14,6 +14,7 @@ import torch
 
 import resnet_fast
 from resnet_fast import autotune, dispatch, functional
+from test_model_memory import saved_activation_bytes
 from test_models import check_policy, make_input, randomize_batch_norms, run_step, small_resnet
 
 
@@ -71,6 +72,27 @@ def test_every_candidate_meets_the_policy(tuner, winner, block, train):
     assert "conv_bn_relu" in ops
     if train:
         assert ops & {"batch_norm_add_relu", "dual_batch_norm_add_relu"} or block == "bottleneck"
+
+
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+def test_memory_efficient_keeps_its_saving_when_aten_is_fastest(tuner, monkeypatch, block):
+    """A recomputing call site is not measured: with ATen's sequence the fastest everywhere, a
+    memory_efficient model still saves for backward what it saves with dispatch off, and less
+    than the default model, whose sites the tuner gives to ATen."""
+    tuner.times.update({"aten": 0.1})
+    torch.manual_seed(0)
+    x, target = make_input(size=16)
+
+    def saved(memory_efficient):
+        torch.manual_seed(0)
+        model, _ = small_resnet(block, num_classes=5, small_input=True)
+        model.set_memory_efficient(memory_efficient)
+        return saved_activation_bytes(model.train(), x, target)
+
+    tuned_default, tuned = saved(False), saved(True)
+    assert {r.winner for r in tuner.records()} == {"aten"}
+    monkeypatch.setenv("RESNET_FAST_AUTOTUNE", "0")
+    assert tuned == saved(True) < tuned_default
 
 
 def test_the_fastest_wins_and_the_static_choice_holds_within_the_margin(tuner):
