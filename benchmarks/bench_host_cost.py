@@ -8,11 +8,13 @@ Cases, each a training forward + backward (every gradient), on one thread:
 ``batch_norm_relu``   32x512x2x2, the smallest BatchNorm shape of ``bench_bn_act.py``;
 ``batch_norm_add_relu`` the same shape with the residual add.
 
-Providers: ``eager`` (``resnet_fast.reference``: ATen's ops, as eager PyTorch runs the
-modules), ``cpu`` (the fused op with ``backend="cpu"``) and ``fused`` (the default backend:
-measured dispatch, tuned in the untimed warm-up). Timing: :func:`resnet_fast.timing.interleave`
-(``torch.utils.benchmark.Timer.blocked_autorange``, providers interleaved in a shuffled order);
-the ratios are taken on the minima, the host cost's floor on a shared machine.
+Providers, as ``bench_conv_bn_act.py`` and ``bench_bn_act.py`` define them (their tensors and
+calls are used here): ``eager`` (``resnet_fast.reference``: ATen's ops, as eager PyTorch runs
+the modules), ``cpu`` (the fused op with ``backend="cpu"``) and ``fused`` (the default backend:
+measured dispatch, tuned in the untimed first call). Timing:
+:func:`resnet_fast.timing.interleave` (``torch.utils.benchmark.Timer.blocked_autorange``,
+providers interleaved in a shuffled order); the ratios are taken on the minima, the host cost's
+floor on a shared machine.
 
     python benchmarks/bench_host_cost.py          # writes benchmarks/results/host_cost_cpu.json
 """
@@ -27,43 +29,29 @@ from pathlib import Path
 
 import torch
 
-from resnet_fast import functional, reference
 from resnet_fast.timing import interleave, provenance, time_stats, write_json
 
+import bench_bn_act
+import bench_conv_bn_act
 from _common import RESULTS
 
 PROVIDERS = ("eager", "cpu", "fused")
+# The conv case as a bench_conv_bn_act layer: 8 -> 8 channels, 3x3, stride 1, 4x4 input.
+TINY_CONV = bench_conv_bn_act.Layer(name="tiny", network="host", cin=8, cout=8, kernel=3,
+                                    stride=1, size=4)
+BN_SHAPE = (32, 512, 2, 2)
 
 
-def case_call(case: str, provider: str):
-    """fn() -> output of one provider for one case, and the tensors its backward gives
-    gradients of."""
-    g = torch.Generator().manual_seed(0)
+def case_call(case: str, provider: str, device: torch.device):
+    """The timed training forward + backward of one provider for one case, built by the
+    benchmark of its op (its tensors, its provider call)."""
     if case == "conv_bn_relu":
-        x = torch.randn(2, 8, 4, 4, generator=g).contiguous(memory_format=torch.channels_last)
-        w = (torch.randn(8, 8, 3, 3, generator=g) / 8).contiguous(
-            memory_format=torch.channels_last)
-    else:
-        x = torch.randn(32, 512, 2, 2, generator=g).contiguous(memory_format=torch.channels_last)
-        w = None
-    C = x.shape[1]
-    r = torch.randn(x.shape, generator=g).contiguous(memory_format=torch.channels_last) \
-        if case == "batch_norm_add_relu" else None
-    bw, bb = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g)
-    rm, rv = torch.zeros(C), torch.ones(C)
-    leaves = [t.requires_grad_() for t in (x, w, bw, bb, r) if t is not None]
-    kwargs = {} if provider == "eager" else {"backend": None if provider == "fused" else provider}
-    module = reference if provider == "eager" else functional
-    if case == "conv_bn_relu":
-        def fn():
-            return module.conv_bn_relu(x, w, rm, rv, bw, bb, True, padding=1, **kwargs)
-    else:
-        args = (x, r) if r is not None else (x,)
-
-        def fn():
-            return getattr(module, case)(*args, rm, rv, bw, bb, True, **kwargs)
-    grad = torch.randn(fn().shape, generator=g).contiguous(memory_format=torch.channels_last)
-    return lambda: torch.autograd.grad(fn(), leaves, grad)
+        t = bench_conv_bn_act.make_tensors(TINY_CONV, 2, torch.float32, torch.channels_last,
+                                           device, with_prev=False)
+        call, _, _, _ = bench_conv_bn_act.prepare(provider, TINY_CONV, "train", t, device)
+        return call
+    t = bench_bn_act.make_inputs(BN_SHAPE, torch.float32, torch.channels_last, device, case)
+    return bench_bn_act.work(bench_bn_act.provider_fn(provider, case), t, "train")
 
 
 def main(argv=None) -> int:
@@ -79,7 +67,7 @@ def main(argv=None) -> int:
     prov = provenance(device, args.warmup, args.rounds, min_run_time=args.min_run_time)
     rows = []
     for case in ("conv_bn_relu", "batch_norm_relu", "batch_norm_add_relu"):
-        calls = {q: case_call(case, q) for q in PROVIDERS}
+        calls = {q: case_call(case, q, device) for q in PROVIDERS}
         times = interleave(calls, args.rounds, device=device, warmup=args.warmup,
                            min_run_time=args.min_run_time)
         eager_min = min(times["eager"])

@@ -256,8 +256,9 @@ def _onednn_prepacks(x: Tensor, residual: Optional[Tensor]) -> bool:
     """Whether the folded oneDNN call of input ``x`` takes its weight prepacked in oneDNN's
     blocked layout: for a channels_last input. With an NCHW one a prepacked weight makes the
     call run channels_last (the input converted on the way in, the output on the way out), so
-    the weight stays dense, except for a bfloat16 residual add, which PyTorch's dense-weight
-    path does not take."""
+    the weight stays dense (oneDNN reorders it in each call, as eager's NCHW conv does: a
+    weight, not an activation), except for a bfloat16 residual add, which PyTorch's
+    dense-weight path does not take."""
     return (memory_format_of(x) == torch.channels_last
             or (residual is not None and x.dtype == torch.bfloat16))
 
