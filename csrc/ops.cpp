@@ -1,7 +1,7 @@
 // The resnet_fast op library: the schemas of the four ops and the autograd formulas of the two
-// differentiable ones. Their device kernels (CPU and CUDA, every backend chosen by the trailing
-// `backend` argument) and fake kernels are registered from Python in resnet_fast/ops.py, which
-// documents what each op computes.
+// differentiable ones. Their CPU kernels are registered in cpu/ops_cpu.cpp; the CUDA and fake
+// kernels from Python, in resnet_fast/ops.py, which documents what each op computes (every
+// backend chosen by the trailing `backend` argument).
 //
 // The forward ops update the running statistics and batch counters they are given in place, as
 // nn.BatchNorm2d does around aten's batch_norm: a training step dispatches one op per fused layer

@@ -47,12 +47,15 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
+from resnet_fast._extension import load_extension
 from resnet_fast.backends import ENV_VAR, available_backends, resolve_backend
 
-__all__ = ["ATEN", "measured", "static_choice", "candidates_for", "choose", "tune", "explain",
-           "clear"]
+__all__ = ["ATEN", "measured", "static_choice", "candidates_for", "call_site", "decided",
+           "record", "choose", "tune", "explain", "clear"]
 
 ATEN = "aten"
+
+_C = load_extension()
 
 
 def measured(backend: Optional[str]) -> bool:
@@ -149,11 +152,49 @@ def _timed_call(name: str, fn: Callable[..., Tensor], kwargs: Mapping[str, Any],
 
 _LABELS = threading.local()
 
-# Call sites decided in this process, keyed by what identifies them without building the
-# tuner's key (shapes, strides, dtypes, flags): the per-call cost of a decided site is this
-# lookup. Bounded like the other caches (resnet_fast.backends.cache_sizes).
+# Call sites decided in this process: the implementation each runs, keyed by
+# :func:`call_site`. A call found here runs without its argument checks and without building
+# the tuner's key; that lookup is the whole per-call cost of a decided site. Bounded like the
+# other caches (resnet_fast.backends.cache_sizes).
 _DECIDED: dict[tuple, str] = {}
 _DECIDED_SIZE = 4096
+
+
+def call_site(op: str, tensors: tuple, flags: tuple) -> Optional[tuple]:
+    """The key of a call of ``op`` in the table of decided call sites: ``flags`` (its
+    non-tensor arguments, as given) and the signature of ``tensors`` (each tensor's type,
+    dispatch keys, dtype, device, ``requires_grad``, sizes and strides, with the thread count,
+    grad mode, autocast state and the environment variables that select a backend; see
+    ``csrc/call_signature.h``): everything the call's argument checks and its choice depend on,
+    so that a call with the key of one that passed its checks passes them too. ``None`` where
+    the table is not used: inside a ``torch.compile`` trace, while :func:`tune` or
+    :func:`explain` label the calls, or for an argument that is not a tensor, or a flag that is
+    not hashable."""
+    if torch.compiler.is_compiling() or getattr(_LABELS, "names", None):
+        return None
+    signature = _C.call_signature(*tensors)
+    if signature is None:
+        return None
+    try:
+        hash(flags)
+    except TypeError:  # e.g. a stride given as a list
+        return None
+    return op, flags, signature
+
+
+def decided(site: Optional[tuple]) -> Optional[str]:
+    """The implementation decided for ``site`` (:func:`call_site`) in this process, or None."""
+    return None if site is None else _DECIDED.get(site)
+
+
+def record(site: Optional[tuple], name: str) -> None:
+    """Keeps ``name`` as the implementation of ``site``, a call whose arguments passed their
+    checks and which measured dispatch decided (or leaves unmeasured, as a recomputing conv)."""
+    if site is None:
+        return
+    if len(_DECIDED) >= _DECIDED_SIZE:
+        _DECIDED.clear()
+    _DECIDED[site] = name
 
 
 def _label_of(owners: tuple) -> Optional[str]:
@@ -168,12 +209,13 @@ def _label_of(owners: tuple) -> Optional[str]:
 
 def choose(op: str, device: torch.device, training: bool, kwargs: Mapping[str, Any],
            implementations: Mapping[str, Callable[..., Tensor]], owners: tuple,
-           **flags: Any) -> str:
-    """The implementation to run for one call of ``op``: a name from
-    :func:`candidates_for`. ``kwargs`` are the call's arguments by name (those of each
-    implementation in ``implementations``: a function for ``aten`` and one taking ``backend``
-    for the fused backends); ``owners`` the tensors whose module names the call in
-    :func:`explain`; ``flags`` the non-tensor arguments that make the call site."""
+           site: Optional[tuple], **flags: Any) -> str:
+    """The implementation to run for a call of ``op`` not found among the decided call sites
+    (:func:`decided`): a name from :func:`candidates_for`, recorded for ``site``. ``kwargs``
+    are the call's arguments by name (those of each implementation in ``implementations``: a
+    function for ``aten`` and one taking ``backend`` for the fused backends); ``owners`` the
+    tensors whose module names the call in :func:`explain`; ``flags`` the non-tensor arguments
+    that make the tuner's key."""
     tensors = []
     for value in kwargs.values():
         if value is None or isinstance(value, Tensor):
@@ -184,12 +226,6 @@ def choose(op: str, device: torch.device, training: bool, kwargs: Mapping[str, A
         t is not None and t.requires_grad for t in tensors)
     compiling = torch.compiler.is_compiling()
     label = None if compiling else _label_of(owners)
-    if not compiling and label is None:  # the common case: a call site decided before
-        site = (op, device, training, backward, tuple(flags.items()), tuple(
-            None if t is None else (t.shape, t.stride(), t.dtype) for t in tensors))
-        winner = _DECIDED.get(site)
-        if winner is not None:
-            return winner
     names = candidates_for(device)
     static = static_choice(op, None, device)
     autotune = _autotune()
@@ -210,10 +246,7 @@ def choose(op: str, device: torch.device, training: bool, kwargs: Mapping[str, A
         _LABELS.keys.add(key)
     winner = autotune.default_tuner().choose(
         key, {name: candidate(name) for name in names}, static, label=label)
-    if label is None:
-        if len(_DECIDED) >= _DECIDED_SIZE:
-            _DECIDED.clear()
-        _DECIDED[site] = winner
+    record(site, winner)
     return winner
 
 

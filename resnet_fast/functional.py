@@ -124,6 +124,22 @@ def _check_batch_norm_args(bn: _BatchNormArgs, input: Tensor, training: bool,
         )
 
 
+def _check_bn_act_call(input: object, residual: object, bn: _BatchNormArgs,
+                       residual_bn: Optional[_BatchNormArgs], training: bool) -> None:
+    """The argument checks of the BatchNorm ops (``residual`` already cast under autocast)."""
+    _check_activation("input", input)
+    if residual is not None:
+        _check_activation("residual", residual, like=input)
+    branches = [bn] if residual_bn is None else [bn, residual_bn]
+    for branch in branches:
+        _check_batch_norm_args(branch, input, training)
+    if residual_bn is not None and (bn.running_mean is None) != (residual_bn.running_mean is None):
+        raise ValueError(
+            "running_mean and residual_running_mean must both be given or both None: the two "
+            "BatchNorms of a block end track statistics together"
+        )
+
+
 def _fused(
     api: str,
     input: Tensor,
@@ -135,34 +151,30 @@ def _fused(
     eps: float,
     backend: Optional[str],
 ) -> Tensor:
-    _check_activation("input", input)
-    if residual is not None:
-        if (
-            isinstance(residual, Tensor)
-            and residual.is_floating_point()
-            and residual.dtype != input.dtype
-            and torch.is_autocast_enabled(input.device.type)
-        ):
-            residual = residual.to(input.dtype)
-        _check_activation("residual", residual, like=input)
-    branches = [bn] if residual_bn is None else [bn, residual_bn]
-    for branch in branches:
-        _check_batch_norm_args(branch, input, training)
-    if residual_bn is not None and (bn.running_mean is None) != (residual_bn.running_mean is None):
-        raise ValueError(
-            "running_mean and residual_running_mean must both be given or both None: the two "
-            "BatchNorms of a block end track statistics together"
-        )
-    name = dispatch.static_choice(api, backend, input.device)
-    if name != "reference" and dispatch.measured(backend):
-        call = dict(input=input, residual=residual, bn=bn, residual_bn=residual_bn,
-                    training=training, momentum=momentum, eps=eps)
-        name = dispatch.choose(
-            api, input.device, training, call,
-            {"fused": functools.partial(_fused, api), dispatch.ATEN: _aten_bn_act},
-            (bn.weight, bn.running_mean), momentum_none=momentum is None)
-        if name == dispatch.ATEN:
-            return _aten_bn_act(**call)
+    site = None if backend is not None else dispatch.call_site(
+        api, (input, residual, *bn[:5], *(() if residual_bn is None else residual_bn[:5])),
+        (training, momentum, eps, residual_bn is not None))
+    name = dispatch.decided(site)
+    if (
+        isinstance(residual, Tensor)
+        and residual.is_floating_point()
+        and isinstance(input, Tensor)
+        and residual.dtype != input.dtype
+        and torch.is_autocast_enabled(input.device.type)
+    ):
+        residual = residual.to(input.dtype)
+    call = dict(input=input, residual=residual, bn=bn, residual_bn=residual_bn,
+                training=training, momentum=momentum, eps=eps)
+    if name is None:  # a call site met for the first time: checked in full, then decided
+        _check_bn_act_call(input, residual, bn, residual_bn, training)
+        name = dispatch.static_choice(api, backend, input.device)
+        if name != "reference" and dispatch.measured(backend):
+            name = dispatch.choose(
+                api, input.device, training, call,
+                {"fused": functools.partial(_fused, api), dispatch.ATEN: _aten_bn_act},
+                (bn.weight, bn.running_mean), site, momentum_none=momentum is None)
+    if name == dispatch.ATEN:
+        return _aten_bn_act(**call)
 
     if name == "reference":
         kwargs = {"num_batches_tracked": bn.num_batches_tracked}
@@ -172,6 +184,7 @@ def _fused(
             kwargs["residual_num_batches_tracked"] = residual_bn.num_batches_tracked
         return getattr(reference, api)(*args, training, momentum, eps, **kwargs)
 
+    branches = [bn] if residual_bn is None else [bn, residual_bn]
     counts = [b.num_batches_tracked for b in branches]
     if (momentum is None and training and len(counts) == 2 and None not in counts
             and not torch.equal(counts[0], counts[1])):
@@ -404,6 +417,44 @@ def _check_conv_weight(weight: object, input: Tensor, groups: int) -> None:
         )
 
 
+def _check_conv_bn_relu_call(x: object, conv_weight: object, conv_bias: object,
+                             running_mean, running_var, bn_weight, bn_bias, num_batches_tracked,
+                             training: bool, stride, padding, dilation, groups,
+                             residual: object, defer: bool) -> None:
+    """The argument checks of :func:`conv_bn_relu` (tensors already cast under autocast)."""
+    _check_activation("input", x)
+    _check_conv_weight(conv_weight, x, groups)
+    stride = _pair("stride", stride, 1)
+    padding = _pair("padding", padding, 0)
+    dilation = _pair("dilation", dilation, 1)
+    shape = conv_output_shape(x.shape, conv_weight.shape, stride, padding, dilation)
+    if min(shape[2:]) < 1:
+        raise ValueError(
+            f"input of spatial size {tuple(x.shape[2:])} is too small for conv_weight "
+            f"{tuple(conv_weight.shape)} with stride={stride}, padding={padding}, "
+            f"dilation={dilation} (output size {tuple(shape[2:])})"
+        )
+    if conv_bias is not None:
+        if not isinstance(conv_bias, Tensor):
+            raise TypeError(f"conv_bias must be a Tensor or None, got {type(conv_bias).__name__}")
+        if tuple(conv_bias.shape) != (shape[1],):
+            raise ValueError(f"conv_bias must have shape ({shape[1]},) (one value per out "
+                             f"channel), got {tuple(conv_bias.shape)}")
+        if conv_bias.dtype != x.dtype or conv_bias.device != x.device:
+            raise TypeError(f"conv_bias ({conv_bias.dtype} on {conv_bias.device}) must have the "
+                            f"input's dtype and device ({x.dtype} on {x.device})")
+    bn = _BatchNormArgs(running_mean, running_var, bn_weight, bn_bias, num_batches_tracked)
+    _check_batch_norm_args(bn, x, training, shape)
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"residual must be a Tensor or None, got {type(residual).__name__}")
+        _check_activation("residual", residual, like=x, like_name="the conv output's",
+                          shape=shape)
+    if defer and residual is not None:
+        raise ValueError("defer=True returns the conv output before its BatchNorm, so residual "
+                         "must be None (add it where the BatchNorm is applied)")
+
+
 def _autocast_conv_dtype(device: torch.device) -> Optional[torch.dtype]:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
@@ -458,67 +509,57 @@ def conv_bn_relu(
     """
     deferred = input if isinstance(input, DeferredBatchNorm) else None
     x = deferred.raw if deferred is not None else input
-    _check_activation("input", x)
-    cast = _autocast_conv_dtype(x.device)
-    if cast is not None and deferred is None and x.dtype != cast:
-        x = x.to(cast)
-    if cast is not None and isinstance(conv_weight, Tensor):
-        conv_weight = conv_weight.to(x.dtype)
-        conv_bias = None if conv_bias is None else conv_bias.to(x.dtype)
-    _check_conv_weight(conv_weight, x, groups)
-    stride = _pair("stride", stride, 1)
-    padding = _pair("padding", padding, 0)
-    dilation = _pair("dilation", dilation, 1)
-    shape = conv_output_shape(x.shape, conv_weight.shape, stride, padding, dilation)
-    if min(shape[2:]) < 1:
-        raise ValueError(
-            f"input of spatial size {tuple(x.shape[2:])} is too small for conv_weight "
-            f"{tuple(conv_weight.shape)} with stride={stride}, padding={padding}, "
-            f"dilation={dilation} (output size {tuple(shape[2:])})"
-        )
-    if conv_bias is not None:
-        if not isinstance(conv_bias, Tensor):
-            raise TypeError(f"conv_bias must be a Tensor or None, got {type(conv_bias).__name__}")
-        if tuple(conv_bias.shape) != (shape[1],):
-            raise ValueError(f"conv_bias must have shape ({shape[1]},) (one value per out "
-                             f"channel), got {tuple(conv_bias.shape)}")
-        if conv_bias.dtype != x.dtype or conv_bias.device != x.device:
-            raise TypeError(f"conv_bias ({conv_bias.dtype} on {conv_bias.device}) must have the "
-                            f"input's dtype and device ({x.dtype} on {x.device})")
-    bn = _BatchNormArgs(running_mean, running_var, bn_weight, bn_bias, num_batches_tracked,
-                        "")
-    _check_batch_norm_args(bn, x, training, shape)
-    if residual is not None:
-        if not isinstance(residual, Tensor):
-            raise TypeError(f"residual must be a Tensor or None, got {type(residual).__name__}")
-        if residual.is_floating_point() and residual.dtype != x.dtype and cast is not None:
+    site = None if backend is not None else dispatch.call_site(
+        "conv_bn_relu",
+        (x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, residual,
+         num_batches_tracked, *(() if deferred is None else deferred[1:4])),
+        (training, momentum, eps, stride, padding, dilation, groups, relu, defer, recompute,
+         None if deferred is None else deferred[4:]))
+    name = dispatch.decided(site)
+    cast = _autocast_conv_dtype(x.device) if isinstance(x, Tensor) else None
+    if cast is not None:  # the conv in the autocast dtype, as F.conv2d runs it
+        if deferred is None and x.is_floating_point() and x.dtype != cast:
+            x = x.to(cast)
+        if isinstance(conv_weight, Tensor):
+            conv_weight = conv_weight.to(x.dtype)
+        if isinstance(conv_bias, Tensor):
+            conv_bias = conv_bias.to(x.dtype)
+        if (isinstance(residual, Tensor) and residual.is_floating_point()
+                and residual.dtype != x.dtype):
             residual = residual.to(x.dtype)
-        _check_activation("residual", residual, like=x, like_name="the conv output's",
-                          shape=shape)
-    name = dispatch.static_choice("conv_bn_relu", backend, x.device)
     batch_stats = training or running_mean is None
     defer = bool(defer) and batch_stats
-    if defer and residual is not None:
-        raise ValueError("defer=True returns the conv output before its BatchNorm, so residual "
-                         "must be None (add it where the BatchNorm is applied)")
+    call = dict(input=input if deferred is not None else x, conv_weight=conv_weight,
+                running_mean=running_mean, running_var=running_var, bn_weight=bn_weight,
+                bn_bias=bn_bias, training=training, momentum=momentum, eps=eps,
+                conv_bias=conv_bias, stride=stride, padding=padding, dilation=dilation,
+                groups=groups, residual=residual, relu=relu,
+                num_batches_tracked=num_batches_tracked)
+    if name is None:  # a call site met for the first time: checked in full, then decided
+        _check_conv_bn_relu_call(x, conv_weight, conv_bias, running_mean, running_var,
+                                 bn_weight, bn_bias, num_batches_tracked, training, stride,
+                                 padding, dilation, groups, residual, defer)
+        name = dispatch.static_choice("conv_bn_relu", backend, x.device)
+        # A recomputing call is not measured: ATen's sequence keeps what eager keeps for
+        # backward, and recompute is asked for to keep less.
+        if name != "reference" and dispatch.measured(backend):
+            if defer or recompute:
+                dispatch.record(site, name)
+            else:
+                name = dispatch.choose(
+                    "conv_bn_relu", x.device, training, call,
+                    {"fused": conv_bn_relu, dispatch.ATEN: _aten_conv_bn_relu}, (conv_weight,),
+                    site, stride=_pair("stride", stride, 1),
+                    padding=_pair("padding", padding, 0),
+                    dilation=_pair("dilation", dilation, 1), groups=groups, relu=relu,
+                    momentum_none=momentum is None,
+                    deferred_relu=None if deferred is None else deferred.relu)
+    if name == dispatch.ATEN:
+        return _aten_conv_bn_relu(**call)
+    stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
+    dilation = _pair("dilation", dilation, 1)
     conv_args = dict(conv_bias=conv_bias, stride=stride, padding=padding, dilation=dilation,
                      groups=groups)
-    # A recomputing call is not measured: ATen's sequence keeps what eager keeps for backward,
-    # and recompute is asked for to keep less.
-    if not defer and not recompute and name != "reference" and dispatch.measured(backend):
-        call = dict(input=input if deferred is not None else x, conv_weight=conv_weight,
-                    running_mean=running_mean, running_var=running_var, bn_weight=bn_weight,
-                    bn_bias=bn_bias, training=training, momentum=momentum, eps=eps,
-                    residual=residual, relu=relu, num_batches_tracked=num_batches_tracked,
-                    **conv_args)
-        name = dispatch.choose(
-            "conv_bn_relu", x.device, training, call,
-            {"fused": conv_bn_relu, dispatch.ATEN: _aten_conv_bn_relu}, (conv_weight,),
-            stride=stride, padding=padding, dilation=dilation, groups=groups, relu=relu,
-            momentum_none=momentum is None,
-            deferred_relu=None if deferred is None else deferred.relu)
-        if name == dispatch.ATEN:
-            return _aten_conv_bn_relu(**call)
 
     if deferred is not None and "reference" in (name, deferred.backend):
         x, deferred = deferred.materialize(), None

@@ -1,8 +1,11 @@
 """resnet_fast's fused ops: their device kernels and fake kernels.
 
 The four ops are defined, with the autograd formulas of the two differentiable ones, by the
-compiled extension (``csrc/ops.cpp``); this module registers their CPU and CUDA kernels and their
-fake kernels. Every backend runs under the same op, chosen by its ``backend`` argument, so
+compiled extension (``csrc/ops.cpp``), which also registers their CPU kernels
+(``csrc/cpu/ops_cpu.cpp``): a call with ``backend="cpu"`` runs in C++ from the dispatcher on.
+This module registers the fake kernels, the CUDA kernels, and the Python kernels the CPU ones
+hand the rest to (the Triton backend under its interpreter, the folded oneDNN eval call). Every
+backend runs under the same op, chosen by its ``backend`` argument, so
 eager mode, ``torch.compile``, ``torch.library.opcheck`` and autograd see one op whatever the
 device and backend:
 
@@ -16,7 +19,8 @@ device and backend:
 ``resnet_fast::bn_act_backward`` (functional)
     The gradients of ``bn_act``; its autograd formula calls it.
 
-Arguments reaching a backend are normalised here (see ``_prepare``): ``input``, ``residual``
+Arguments reaching a backend are normalised (here, see ``_prepare``; for ``cpu`` by the same
+rules in ``csrc/cpu/tensor_args.h``): ``input``, ``residual``
 and ``grad_out`` dense in one layout (NCHW or channels_last, the input's), weight and bias
 materialised and, like all per-channel tensors, in the accumulation dtype (float64 for float64
 input, float32 otherwise). The backends implement ``forward`` and ``backward`` with the same
@@ -44,9 +48,8 @@ conv's load and the BatchNorm (+ residual + ReLU) or the statistics into its epi
 launch in eval); ``cpu`` runs oneDNN's conv with the BatchNorm folded into its weight and bias
 in eval (weights folded, and prepacked for a channels_last input, once per parameter version),
 and in training PyTorch's conv and ``convolution_backward`` composed with the C++ ``bn_act``
-kernels in one C++ call per direction (``_C.conv_bn_act_forward_cpu`` /
-``_C.conv_bn_act_backward_cpu``), the input's deferred BatchNorm applied by a one-pass kernel
-before the conv and recomputed in backward.
+kernels in its C++ CPU kernel (``csrc/cpu/conv_bn_act_cpu.cpp``), the input's deferred
+BatchNorm applied by a one-pass kernel before the conv and recomputed in backward.
 """
 
 from __future__ import annotations
@@ -71,18 +74,19 @@ __all__ = [
     "acc_dtype_of",
 ]
 
-_C = load_extension()  # defines the ops (csrc/ops.cpp) and holds the cpu and cuda kernels
+_C = load_extension()  # defines the ops (csrc/ops.cpp), their cpu kernels and the cuda ones
 
 
 def _backend_kernels(backend: str):
-    """``(forward, backward)`` of a kernel backend."""
+    """``(forward, backward)`` of a kernel backend run from Python (the ``cpu`` kernels are
+    registered in C++)."""
     if backend == "triton":
         module = importlib.import_module("resnet_fast.triton.bn_act")
         return module.forward, module.backward
-    if backend in ("cpu", "cuda"):
-        return (getattr(_C, f"bn_act_forward_{backend}"),
-                getattr(_C, f"bn_act_backward_{backend}"))
-    raise ValueError(f"backend {backend!r} has no kernels behind resnet_fast::bn_act")
+    if backend == "cuda":
+        return _C.bn_act_forward_cuda, _C.bn_act_backward_cuda
+    raise ValueError(f"backend {backend!r} has no kernels behind resnet_fast::bn_act for "
+                     "these tensors")
 
 
 def _per_channel(t: Optional[Tensor], acc: torch.dtype) -> Optional[Tensor]:
@@ -203,8 +207,8 @@ def _bn_act_backward_fake(
 
 def _conv_launcher(backend: str) -> Optional[Callable]:
     """The backend's fused conv launcher (``conv2d_bn_act`` contract: input normalisation on
-    load, BatchNorm/residual/ReLU or statistics in the epilogue), or ``None`` for ``cpu``,
-    which composes PyTorch's conv with the ``bn_act`` kernels."""
+    load, BatchNorm/residual/ReLU or statistics in the epilogue), or ``None`` for ``cpu``, whose
+    calls reaching Python are the folded oneDNN eval call (its C++ kernel composes the rest)."""
     if backend == "triton":
         return importlib.import_module("resnet_fast.triton.conv_bn_act").conv2d_bn_act
     if backend == "cuda":
@@ -246,10 +250,6 @@ def _running_update(running_mean: Tensor, running_var: Tensor, mean: Tensor, var
 
 def _eval_stats(running_mean: Tensor, running_var: Tensor, eps: float) -> Tensor:
     return torch.stack([running_mean, torch.rsqrt(running_var + eps)])
-
-
-# oneDNN fuses conv + bias + (add) + ReLU on the CPU for these activation dtypes.
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _onednn_prepacks(x: Tensor, residual: Optional[Tensor]) -> bool:
@@ -295,11 +295,12 @@ def _prologue(in_weight: Optional[Tensor], in_bias: Optional[Tensor], in_stats: 
     return dict(in_scale=in_scale.contiguous(), in_shift=in_shift.contiguous(), in_relu=in_relu)
 
 
-def _cpu_composite(backend: str, dtype: torch.dtype, batch_stats: bool, save_raw: bool) -> bool:
+def _cpu_composite(backend: str, input: Tensor, batch_stats: bool, save_raw: bool) -> bool:
     """Whether the ``cpu`` backend runs a conv layer as PyTorch's conv composed with the bn_act
-    kernels in C++: in training, and in eval when backward needs the conv output or oneDNN's
-    fused call does not take the dtype (otherwise eval is one folded oneDNN call)."""
-    return backend == "cpu" and (batch_stats or save_raw or dtype not in _ONEDNN_DTYPES)
+    kernels, in its C++ CPU kernel: in training, and in eval when backward needs the conv output
+    or oneDNN's fused call does not take the dtype (otherwise eval is one folded oneDNN call,
+    from Python)."""
+    return backend == "cpu" and _C.runs_composite(input, batch_stats, save_raw)
 
 
 def _conv_bn_act_forward(
@@ -329,11 +330,6 @@ def _conv_bn_act_forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if defer and not batch_stats:
         raise ValueError("defer=True needs batch statistics (training, or no running statistics)")
-    if _cpu_composite(backend, input.dtype, batch_stats, save_raw):
-        return _C.conv_bn_act_forward_cpu(
-            input, weight, conv_bias, stride, padding, dilation, groups, in_weight, in_bias,
-            in_stats, in_relu, bn_weight, bn_bias, running_mean, running_var, residual,
-            batch_stats, momentum, eps, relu, defer)
     acc = acc_dtype_of(input.dtype)
     launch = _conv_launcher(backend)
     x, r = _prepare(input, residual)
@@ -418,7 +414,7 @@ def _conv_bn_act_fake(
         return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=fmt)
 
     keeps_raw = not defer and not recompute and (
-        batch_stats or save_raw or _cpu_composite(backend, input.dtype, batch_stats, save_raw))
+        batch_stats or save_raw or _cpu_composite(backend, input, batch_stats, save_raw))
     return activation(True), activation(keeps_raw), input.new_empty((2, shape[1]), dtype=acc)
 
 
@@ -446,11 +442,6 @@ def _conv_bn_act_backward(
     input_grad: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if backend == "cpu":  # composed in C++
-        return _C.conv_bn_act_backward_cpu(
-            grad_out, input, weight, conv_bias, stride, padding, dilation, groups, in_weight,
-            in_bias, in_stats, in_relu, bn_weight, bn_bias, residual, raw, save_stats,
-            batch_stats, relu, defer, input_grad)
     acc = acc_dtype_of(input.dtype)
     in_fmt, weight_fmt = memory_format_of(input), memory_format_of(weight)
 
@@ -557,10 +548,14 @@ def _conv_bn_act_kernel(input, weight, conv_bias, stride, padding, dilation, gro
     return out, raw, save_stats
 
 
+# The CPU kernels are C++ (csrc/cpu/ops_cpu.cpp); these run the calls they leave to Python (the
+# Triton backend under its interpreter, the folded oneDNN eval call) and every call on CUDA
+# tensors.
 for _name, _kernel in (("bn_act", _bn_act_kernel), ("bn_act_backward", _bn_act_backward),
                        ("conv_bn_act", _conv_bn_act_kernel),
                        ("conv_bn_act_backward", _conv_bn_act_backward)):
-    torch.library.register_kernel(f"resnet_fast::{_name}", ("cpu", "cuda"), _kernel)
+    _C.set_python_kernel(_name, _kernel)
+    torch.library.register_kernel(f"resnet_fast::{_name}", "cuda", _kernel)
 
 bn_act = torch.ops.resnet_fast.bn_act.default
 bn_act_backward = torch.ops.resnet_fast.bn_act_backward.default

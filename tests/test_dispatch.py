@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import resnet_fast
-from resnet_fast import autotune, dispatch, functional
+from resnet_fast import autotune, dispatch, functional, reference
 from test_model_memory import saved_activation_bytes
 from test_models import check_policy, make_input, randomize_batch_norms, run_step, small_resnet
 
@@ -223,3 +223,110 @@ def test_static_table(monkeypatch):
     assert dispatch.static_choice("batch_norm_relu", "triton", cuda) == "triton"
     monkeypatch.setenv("RESNET_FAST_BACKEND", "triton")
     assert dispatch.static_choice("batch_norm_relu", None, cuda) == "triton"
+
+
+def test_call_signature(monkeypatch):
+    """The signature of a decided call site tells apart everything a call's checks and its choice
+    depend on, and nothing else: a clone with the same metadata has the same one."""
+    signature = dispatch._C.call_signature
+    x = torch.randn(2, 3, 4, 4)
+    base = signature(x, None)
+    assert signature(x.clone(), None) == base
+    assert signature(x, 3) is None  # not a tensor: checked in full
+    variants = [
+        signature(x.double(), None),
+        signature(x.contiguous(memory_format=torch.channels_last), None),
+        signature(x[:1], None),
+        signature(x.transpose(2, 3), None),
+        signature(x.clone().requires_grad_(), None),
+        signature(torch.nn.Parameter(x), None),
+        signature(None, x),
+        signature(x, None, None),
+    ]
+    with torch.no_grad():
+        variants.append(signature(x, None))
+    with torch.autocast("cpu", torch.bfloat16):
+        variants.append(signature(x, None))
+    with torch.autocast("cpu", torch.float16):
+        variants.append(signature(x, None))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        variants.append(signature(x, None))
+    finally:
+        torch.set_num_threads(threads)
+    for name, value in (("RESNET_FAST_BACKEND", "cpu"), ("RESNET_FAST_AUTOTUNE", "1"),
+                        ("TRITON_INTERPRET", "0")):
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            variants.append(signature(x, None))
+    assert len({base, *variants}) == len(variants) + 1
+
+
+def test_a_decided_call_site_skips_only_what_it_has_checked(tuner, monkeypatch):
+    """A call with a decided site's signature runs its winner without argument checks or the
+    tuner, and gives the same result; a change in any tensor's metadata, a flag, grad mode or
+    the backend variable makes a new site, checked in full (bad input still gets its error)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 6)
+    w = torch.randn(4, 4, 3, 3)
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    checked = []
+    check = functional._check_conv_bn_relu_call
+    monkeypatch.setattr(functional, "_check_conv_bn_relu_call",
+                        lambda *a: checked.append(1) or check(*a))
+    tuner.times.update({"aten": 0.5})
+
+    def layer(x=x, w=w, rm=rm, rv=rv, padding=1):
+        return functional.conv_bn_relu(x, w, rm, rv, padding=padding)
+
+    first = layer()  # checked, and its fused candidate checked as it is timed
+    assert checked and len(tuner.records()) == 1
+    checked.clear()
+    timed = []
+    tuner._timer = lambda fn: timed.append(fn) or 1.0
+    torch.testing.assert_close(layer(), first, rtol=0, atol=0)
+    assert (checked, timed) == ([], [])
+    expected = reference.conv_bn_relu(x, w, rm, rv, padding=1)
+    torch.testing.assert_close(first, expected)
+
+    with pytest.raises(ValueError, match=r"running_mean must have shape \(4,\)"):
+        layer(rm=torch.zeros(5))
+    with pytest.raises(TypeError, match="conv_weight has dtype torch.float64"):
+        layer(w=w.double())
+    with pytest.raises(ValueError, match="stride must be an int or a pair"):
+        functional.conv_bn_relu(x, w, rm, rv, padding=1, stride=[1, 1, 1])
+    for changed in (lambda: layer(padding=0),
+                    lambda: layer(x=x.contiguous(memory_format=torch.channels_last))):
+        checked.clear()
+        changed()
+        assert checked
+    checked.clear()
+    with torch.no_grad():
+        layer()
+    assert checked
+    monkeypatch.setenv("RESNET_FAST_BACKEND", "reference")
+    calls = []
+    monkeypatch.setattr(reference, "conv_bn_relu",
+                        lambda *a, **k: calls.append(1) or expected)
+    checked.clear()
+    layer()
+    assert checked and calls == [1]
+
+
+def test_a_decided_batch_norm_site_checks_a_changed_call(tuner, monkeypatch):
+    """The BatchNorm ops: a decided site is not checked again; a residual of another shape is."""
+    x, r = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    checked = []
+    check = functional._check_bn_act_call
+    monkeypatch.setattr(functional, "_check_bn_act_call", lambda *a: checked.append(1) or check(*a))
+    out = functional.batch_norm_add_relu(x, r, rm, rv, None, None, True)
+    assert checked
+    checked.clear()
+    again = functional.batch_norm_add_relu(x, r, rm.clone(), rv.clone(), None, None, True)
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+    assert not checked
+    with pytest.raises(ValueError, match="residual must have the input's shape"):
+        functional.batch_norm_add_relu(x, r[:, :, :2], rm, rv, None, None, True)
+    assert checked

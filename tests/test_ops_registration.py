@@ -217,3 +217,25 @@ def test_ops_update_running_statistics_in_place(backend, device, training):
             torch.testing.assert_close(stats[1], expected_var)
             assert stats[2].item() == count0 + 1
             assert all(t._version > v0 for t, v0 in zip(stats, versions0))
+
+
+@pytest.mark.parametrize("name", ["bn_act", "bn_act_backward", "conv_bn_act",
+                                  "conv_bn_act_backward"])
+def test_cpu_kernels_are_registered_in_cpp(name):
+    """The CPU kernel of every op is the C++ one (csrc/cpu/ops_cpu.cpp), so a cpu call does
+    not enter Python below the op; the CUDA kernel is resnet_fast.ops' Python one."""
+    lines = dict(line.split(": ", 1) for line in
+                 torch._C._dispatch_dump(f"resnet_fast::{name}").splitlines() if ": " in line)
+    assert "csrc/cpu/ops_cpu.cpp" in lines["CPU"], lines["CPU"]
+    assert "torch/library.py" in lines["CUDA"], lines["CUDA"]
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "triton"])
+def test_kernel_errors_keep_their_type(backend_name):
+    """An error raised below the op, in the C++ kernel or in the Python kernel it hands a call
+    to, reaches the caller as the Python exception it is."""
+    args = by_name(ops.conv_bn_act, conv_bn_act_args("train", backend=backend_name,
+                                                     device=torch.device("cpu")))
+    args.update(defer=True, batch_stats=False)
+    with pytest.raises(ValueError, match="defer=True needs batch statistics"):
+        ops.conv_bn_act(*args.values())

@@ -1,0 +1,232 @@
+// The CPU kernels of the resnet_fast ops (their schemas and autograd are in ../ops.cpp). A call
+// with backend "cpu" runs here, in C++: its arguments normalised (tensor_args.h), the kernels
+// of bn_act.cpp and conv_bn_act_cpu.cpp, the running statistics and batch counters updated.
+// Every other call on CPU tensors runs the op's Python kernel, which resnet_fast/ops.py sets
+// with set_python_kernel: the Triton backend under Triton's interpreter, and the folded oneDNN
+// eval call of conv_bn_act (its folded-weight cache is resnet_fast/folded_weights.py).
+#include "ops_cpu.h"
+
+#include <torch/csrc/jit/python/pybind_utils.h>
+#include <torch/library.h>
+
+#include <initializer_list>
+#include <string>
+#include <unordered_map>
+
+#include "bn_act_cpu.h"
+#include "conv_bn_act_cpu.h"
+#include "tensor_args.h"
+
+namespace py = pybind11;
+
+namespace resnet_fast {
+namespace cpu {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+using Stack = torch::jit::Stack;
+
+// The Python kernels by op name ("bn_act", ...). Never destroyed: the Python objects must not
+// be released after the interpreter has finalised.
+std::unordered_map<std::string, py::object>& python_kernels() {
+  static auto* kernels = new std::unordered_map<std::string, py::object>();
+  return *kernels;
+}
+
+// An op call's arguments on the dispatcher's stack, read by name; finish() replaces them with
+// the call's results.
+class StackArgs {
+ public:
+  StackArgs(const c10::OperatorHandle& op, Stack* stack)
+      : schema_(op.schema()),
+        stack_(*stack),
+        count_(schema_.arguments().size()),
+        base_(stack->size() - count_) {}
+
+  const c10::IValue& operator[](const char* name) const {
+    const auto index = schema_.argumentIndexWithName(name);
+    TORCH_INTERNAL_ASSERT(index.has_value(), schema_.name(), " has no argument ", name);
+    return stack_[base_ + *index];
+  }
+  at::Tensor tensor(const char* name) const { return (*this)[name].toTensor(); }
+  OptTensor optional(const char* name) const {
+    const c10::IValue& v = (*this)[name];
+    return v.isNone() ? OptTensor() : OptTensor(v.toTensor());
+  }
+  bool flag(const char* name) const { return (*this)[name].toBool(); }
+  double real(const char* name) const { return (*this)[name].toDouble(); }
+  int64_t integer(const char* name) const { return (*this)[name].toInt(); }
+  std::vector<int64_t> ints(const char* name) const { return (*this)[name].toIntVector(); }
+  bool runs_here() const { return (*this)["backend"].toStringRef() == "cpu"; }
+
+  void finish(std::initializer_list<at::Tensor> results) {
+    torch::jit::drop(stack_, count_);
+    for (const at::Tensor& t : results) stack_.emplace_back(t);
+  }
+
+ private:
+  const c10::FunctionSchema& schema_;
+  Stack& stack_;
+  const size_t count_;
+  const size_t base_;
+};
+
+// The op's Python kernel on the call's arguments; its results replace them on the stack.
+void run_python_kernel(const c10::OperatorHandle& op, Stack* stack) {
+  const c10::FunctionSchema& schema = op.schema();
+  const size_t n = schema.arguments().size();
+  py::gil_scoped_acquire gil;
+  const auto kernel = python_kernels().find(schema.operator_name().name.substr(
+      std::char_traits<char>::length("resnet_fast::")));
+  TORCH_CHECK(kernel != python_kernels().end(), schema.name(),
+              ": no Python kernel is registered (resnet_fast.ops registers them at import)");
+  py::tuple args(n);
+  for (size_t i = 0; i < n; ++i) {
+    args[i] = torch::jit::toPyObject(std::move(torch::jit::peek(*stack, i, n)));
+  }
+  torch::jit::drop(*stack, n);
+  const py::tuple results = kernel->second(*args);
+  const auto& returns = schema.returns();
+  TORCH_INTERNAL_ASSERT(results.size() == returns.size(), schema.name(),
+                        ": the Python kernel returned ", results.size(), " values");
+  for (size_t i = 0; i < returns.size(); ++i) {
+    stack->push_back(torch::jit::toIValue(results[i], returns[i].type()));
+  }
+}
+
+// What a forward op updates when it tracks statistics: each branch's running (mean, var), from
+// new_running's (B, 2, C) or (2, C) rows in `running`'s order, and the batch counters, as
+// nn.BatchNorm2d does.
+void update_running(const at::Tensor& new_running, std::initializer_list<OptTensor> running,
+                    std::initializer_list<OptTensor> counters) {
+  const at::Tensor rows = new_running.reshape({-1, new_running.size(-1)});
+  int64_t row = 0;
+  for (const OptTensor& t : running) {
+    if (t.has_value()) t->copy_(rows[row++]);
+  }
+  for (const OptTensor& counter : counters) {
+    if (counter.has_value()) counter->add_(1);
+  }
+}
+
+// The arguments both BatchNorm ops take, normalised: the input dense in its layout (fmt), the
+// residual dense in the same layout, the BatchNorm weights and biases materialised in the
+// accumulation dtype (acc), the residual's only with residual_bn.
+struct BnActOperands {
+  explicit BnActOperands(const StackArgs& a)
+      : fmt(memory_format_of(a.tensor("input"))),
+        input(a.tensor("input").contiguous(fmt)),
+        acc(acc_options(input)),
+        C(input.size(1)),
+        residual_bn(a.flag("residual_bn")),
+        weight(affine_param(a.optional("weight"), C, 1.0, acc)),
+        bias(affine_param(a.optional("bias"), C, 0.0, acc)),
+        residual(dense(a.optional("residual"), fmt)),
+        residual_weight(residual_param(a, "residual_weight", 1.0)),
+        residual_bias(residual_param(a, "residual_bias", 0.0)) {}
+
+  const at::MemoryFormat fmt;
+  const at::Tensor input;
+  const at::TensorOptions acc;
+  const int64_t C;
+  const bool residual_bn;
+  const at::Tensor weight, bias;
+  const OptTensor residual, residual_weight, residual_bias;
+
+ private:
+  OptTensor residual_param(const StackArgs& a, const char* name, double fill) const {
+    return residual_bn ? OptTensor(affine_param(a.optional(name), C, fill, acc)) : OptTensor();
+  }
+};
+
+void bn_act_kernel(const c10::OperatorHandle& op, Stack* stack) {
+  StackArgs a(op, stack);
+  if (!a.runs_here()) return run_python_kernel(op, stack);
+  const BnActOperands o(a);
+  const bool training = a.flag("training");
+  const OptTensor rm = a.optional("running_mean"), rv = a.optional("running_var");
+  const OptTensor rrm = a.optional("residual_running_mean");
+  const OptTensor rrv = a.optional("residual_running_var");
+  auto [out, save_stats, new_running] = bn_act_forward_cpu(
+      o.input, o.weight, o.bias, per_channel(rm, o.acc), per_channel(rv, o.acc), o.residual,
+      o.residual_weight, o.residual_bias, per_channel(rrm, o.acc), per_channel(rrv, o.acc),
+      o.residual_bn, training, a.real("momentum"), a.real("eps"), a.flag("relu"));
+  if (training && rm.has_value()) {
+    update_running(new_running, {rm, rv, rrm, rrv},
+                   {a.optional("num_batches_tracked"), a.optional("residual_num_batches_tracked")});
+  }
+  a.finish({out, save_stats});
+}
+
+void bn_act_backward_kernel(const c10::OperatorHandle& op, Stack* stack) {
+  StackArgs a(op, stack);
+  if (!a.runs_here()) return run_python_kernel(op, stack);
+  const BnActOperands o(a);
+  auto [gx, gw, gb, gr, grw, grb] = bn_act_backward_cpu(
+      a.tensor("grad_out").contiguous(o.fmt), o.input, o.weight, o.bias, o.residual,
+      o.residual_weight, o.residual_bias, a.tensor("save_stats").contiguous(), o.residual_bn,
+      a.flag("training"), a.flag("relu"));
+  a.finish({gx, gw, gb, gr, grw, grb});
+}
+
+void conv_bn_act_kernel(const c10::OperatorHandle& op, Stack* stack) {
+  StackArgs a(op, stack);
+  const at::Tensor input = a.tensor("input");
+  const bool batch_stats = a.flag("batch_stats");
+  if (!a.runs_here() || !runs_composite(input.scalar_type(), batch_stats, a.flag("save_raw"))) {
+    return run_python_kernel(op, stack);
+  }
+  const bool defer = a.flag("defer");
+  TORCH_CHECK_VALUE(!defer || batch_stats,
+                    "defer=True needs batch statistics (training, or no running statistics)");
+  const OptTensor rm = a.optional("running_mean"), rv = a.optional("running_var");
+  auto [out, raw, save_stats, new_running] = conv_bn_act_forward_cpu(
+      input, a.tensor("weight"), a.optional("conv_bias"), a.ints("stride"), a.ints("padding"),
+      a.ints("dilation"), a.integer("groups"), a.optional("in_weight"), a.optional("in_bias"),
+      a.optional("in_stats"), a.flag("in_relu"), a.optional("bn_weight"), a.optional("bn_bias"),
+      rm, rv, a.optional("residual"), batch_stats, a.real("momentum"), a.real("eps"),
+      a.flag("relu"), defer);
+  if (batch_stats && rm.has_value()) {
+    update_running(new_running, {rm, rv}, {a.optional("num_batches_tracked")});
+  }
+  if (a.flag("recompute") && raw.numel()) raw = empty_acc(raw);  // backward runs the conv again
+  a.finish({out, raw, save_stats});
+}
+
+void conv_bn_act_backward_kernel(const c10::OperatorHandle& op, Stack* stack) {
+  StackArgs a(op, stack);
+  if (!a.runs_here()) return run_python_kernel(op, stack);
+  auto [gx, gw, gcb, giw, gib, gbw, gbb, gr] = conv_bn_act_backward_cpu(
+      a.tensor("grad_out"), a.tensor("input"), a.tensor("weight"), a.optional("conv_bias"),
+      a.ints("stride"), a.ints("padding"), a.ints("dilation"), a.integer("groups"),
+      a.optional("in_weight"), a.optional("in_bias"), a.optional("in_stats"),
+      a.flag("in_relu"), a.optional("bn_weight"), a.optional("bn_bias"),
+      a.optional("residual"), a.tensor("raw"), a.tensor("save_stats"), a.flag("batch_stats"),
+      a.flag("relu"), a.flag("defer"), a.flag("input_grad"));
+  a.finish({gx, gw, gcb, giw, gib, gbw, gbb, gr});
+}
+
+template <void (*Kernel)(const c10::OperatorHandle&, Stack*)>
+torch::CppFunction boxed() {
+  return torch::CppFunction::makeFromBoxedFunction<Kernel>();
+}
+
+}  // namespace
+
+bool runs_composite(at::ScalarType dtype, bool batch_stats, bool save_raw) {
+  return batch_stats || save_raw || (dtype != at::kFloat && dtype != at::kBFloat16);
+}
+
+void set_python_kernel(const std::string& op, py::object kernel) {
+  python_kernels()[op] = std::move(kernel);
+}
+
+TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
+  m.impl("bn_act", boxed<bn_act_kernel>());
+  m.impl("bn_act_backward", boxed<bn_act_backward_kernel>());
+  m.impl("conv_bn_act", boxed<conv_bn_act_kernel>());
+  m.impl("conv_bn_act_backward", boxed<conv_bn_act_backward_kernel>());
+}
+
+}  // namespace cpu
+}  // namespace resnet_fast
