@@ -316,14 +316,14 @@ template <typename T, int kMode>
 struct ForwardApplyOp {
   using scalar_t = T;
   using acc_t = acc_type<T>;
-  static constexpr int kBranches = kMode == kBatchNormResidual ? 2 : 1;
+  using Channel = ChannelAffine<kMode, acc_t>;
+  static constexpr int kBranches = Channel::kBranches;
   static constexpr int kInputs = kMode == kNoResidual ? 1 : 2;
   static constexpr int kOutputs = 1;
   static constexpr int kQuantities = 2 * kBranches;
   // Three for the BatchNorm'ed residual: two branches' constants fill more registers.
   static constexpr int kUnroll = kMode == kBatchNormResidual ? 3 : 4;
   static constexpr int kMinBlocks = kMinResidentBlocks;
-  using Channel = ChannelAffine<kMode, acc_t>;
 
   const T* input[kInputs];
   T* output[kOutputs];
@@ -385,7 +385,7 @@ template <typename T, int kMode>
 struct BackwardOpBase {
   using scalar_t = T;
   using acc_t = acc_type<T>;
-  static constexpr int kBranches = kMode == kBatchNormResidual ? 2 : 1;
+  static constexpr int kBranches = ChannelAffine<kMode, acc_t>::kBranches;
   static constexpr int kInputs = kMode == kNoResidual ? 2 : 3;
   static constexpr int kQuantities = 1 + kBranches;  // sum(g), sum(g * (x - mean)) [, of r]
   static constexpr int kUnroll = 2;
@@ -399,10 +399,13 @@ struct BackwardOpBase {
   int64_t channels;
   bool relu;
 
-  __device__ __forceinline__ void branch_stats(int b, int64_t c, acc_t* mean,
-                                               acc_t* invstd) const {
-    *mean = save_stats[(2 * b) * channels + c];
-    *invstd = save_stats[(2 * b + 1) * channels + c];
+  // Sets branch b of channel c in affine from save_stats, weight and bias; returns its invstd.
+  __device__ __forceinline__ acc_t load_branch(int b, int64_t c,
+                                               ChannelAffine<kMode, acc_t>& affine) const {
+    const acc_t mean = save_stats[(2 * b) * channels + c];
+    const acc_t invstd = save_stats[(2 * b + 1) * channels + c];
+    affine.set(b, mean, invstd, weight[b][c], bias[b][c]);
+    return invstd;
   }
   static __device__ __forceinline__ acc_t residual_of(const acc_t (&v)[kInputs]) {
     return kInputs > 2 ? v[kInputs - 1] : acc_t(0);
@@ -418,29 +421,21 @@ template <typename T, int kMode>
 struct BackwardSumsOp : BackwardOpBase<T, kMode> {
   using Base = BackwardOpBase<T, kMode>;
   using typename Base::acc_t;
-  using Base::kBranches;
   using Base::kInputs;
-  struct Channel {
-    ChannelAffine<kMode, acc_t> affine;
-    acc_t mean[kBranches];
-  };
+  using Channel = ChannelAffine<kMode, acc_t>;
 
   __device__ __forceinline__ Channel load_channel(int64_t c) const {
     Channel ch;
 #pragma unroll
-    for (int b = 0; b < kBranches; ++b) {
-      acc_t invstd;
-      this->branch_stats(b, c, &ch.mean[b], &invstd);
-      ch.affine.set(b, ch.mean[b], invstd, this->weight[b][c], this->bias[b][c]);
-    }
+    for (int b = 0; b < Channel::kBranches; ++b) this->load_branch(b, c, ch);
     return ch;
   }
   __device__ __forceinline__ void accumulate(const Channel& ch, const acc_t (&v)[kInputs],
                                              acc_t* acc) const {
-    const acc_t g = this->masked_grad(ch.affine, v);
+    const acc_t g = this->masked_grad(ch, v);
     acc[0] += g;
     acc[1] += g * (v[1] - ch.mean[0]);
-    if constexpr (kBranches == 2) acc[2] += g * (this->residual_of(v) - ch.mean[1]);
+    if constexpr (kMode == kBatchNormResidual) acc[2] += g * (this->residual_of(v) - ch.mean[1]);
   }
 };
 
@@ -474,10 +469,7 @@ struct BackwardApplyOp : BackwardOpBase<T, kMode> {
     const acc_t sum_g = totals[0];
 #pragma unroll
     for (int b = 0; b < kBranches; ++b) {
-      acc_t mean, invstd;
-      this->branch_stats(b, c, &mean, &invstd);
-      const acc_t w = this->weight[b][c];
-      ch.affine.set(b, mean, invstd, w, this->bias[b][c]);
+      const acc_t invstd = this->load_branch(b, c, ch.affine);
       const acc_t sum_gc = totals[1 + b];
       bn_backward_coeffs(m, sum_g, sum_gc, invstd, batch_stats, &ch.mean_g[b],
                          &ch.mean_gxhat[b]);
@@ -690,6 +682,56 @@ size_t partials_bytes(const LaunchPlan& plan, int64_t channels) {
          sizeof(typename Op::acc_t);
 }
 
+// Scratch for the partials of reduce op Op's kernel variant; 0 where it cannot be planned (the
+// launch then meets the same error).
+template <class Op, int V, bool kChannelsLast>
+size_t reduce_scratch_bytes(std::integral_constant<int, V>,
+                            std::integral_constant<bool, kChannelsLast>, const ActivationShape& s,
+                            int sm_count) {
+  LaunchPlan plan;
+  const cudaError_t err =
+      plan_kernel(channel_reduce_kernel<Op, V, kChannelsLast>, s, V, sm_count, &plan);
+  return err == cudaSuccess ? partials_bytes<Op>(plan, s.C) : 0;
+}
+
+// Launches reduce op `op` into partials (scratch_bytes of them at most); *splits: the splits
+// of its grid, whose partials an apply kernel sums.
+template <class Op, int V, bool kChannelsLast>
+cudaError_t launch_reduce(const Op& op, std::integral_constant<int, V>,
+                          std::integral_constant<bool, kChannelsLast>, const ActivationShape& s,
+                          int sm_count, typename Op::acc_t* partials, size_t scratch_bytes,
+                          cudaStream_t stream, int* splits) {
+  const auto kernel = channel_reduce_kernel<Op, V, kChannelsLast>;
+  LaunchPlan plan;
+  const cudaError_t err = plan_kernel(kernel, s, V, sm_count, &plan);
+  if (err != cudaSuccess) return err;
+  if (partials_bytes<Op>(plan, s.C) > scratch_bytes) return cudaErrorInvalidValue;
+  kernel<<<plan.grid, kBlockThreads, 0, stream>>>(op, plan.geo, partials);
+  *splits = static_cast<int>(plan.grid.y);
+  return cudaGetLastError();
+}
+
+// Launches apply op `op` with the partials of `partial_splits` splits (none in eval forward).
+template <class Op, int V, bool kChannelsLast>
+cudaError_t launch_apply(const Op& op, std::integral_constant<int, V>,
+                         std::integral_constant<bool, kChannelsLast>, const ActivationShape& s,
+                         int sm_count, const typename Op::acc_t* partials, int partial_splits,
+                         cudaStream_t stream) {
+  const auto kernel = channel_apply_kernel<Op, V, kChannelsLast>;
+  LaunchPlan plan;
+  const cudaError_t err = plan_kernel(kernel, s, V, sm_count, &plan);
+  if (err != cudaSuccess) return err;
+  kernel<<<plan.grid, kBlockThreads, 0, stream>>>(op, plan.geo, partials, partial_splits);
+  return cudaGetLastError();
+}
+
+// dst[b]: the (C,) array of BatchNorm branch b, x's then (a second branch) the residual's.
+template <typename P, int kBranches, typename Src>
+void set_branches(P* (&dst)[kBranches], Src x_branch, Src residual_branch) {
+  const Src src[2] = {x_branch, residual_branch};
+  for (int b = 0; b < kBranches; ++b) dst[b] = static_cast<P*>(src[b]);
+}
+
 int64_t values_per_channel(const ActivationShape& s) { return s.N * s.HW; }
 
 ResidualMode residual_mode(const void* residual, bool residual_bn) {
@@ -742,14 +784,9 @@ auto dispatch_forward(const BnActForwardParams& p, F&& f) {
 template <typename T>
 size_t forward_scratch_bytes(const BnActForwardParams& p) {
   if (!p.training) return 0;
-  return dispatch_forward<T>(p, [&](auto v_c, auto cl_c, auto mode_c) -> size_t {
-    using StatsOp = ForwardStatsOpFor<T, decltype(mode_c)::value>;
-    LaunchPlan plan;
-    const cudaError_t err = plan_kernel(
-        channel_reduce_kernel<StatsOp, decltype(v_c)::value, decltype(cl_c)::value>, p.shape,
-        decltype(v_c)::value, p.sm_count, &plan);
-    // On error no scratch; the launch then meets the same error.
-    return err == cudaSuccess ? partials_bytes<StatsOp>(plan, p.shape.C) : 0;
+  return dispatch_forward<T>(p, [&](auto v_c, auto cl_c, auto mode_c) {
+    return reduce_scratch_bytes<ForwardStatsOpFor<T, decltype(mode_c)::value>>(
+        v_c, cl_c, p.shape, p.sm_count);
   });
 }
 
@@ -763,41 +800,27 @@ cudaError_t forward_launch(const BnActForwardParams& p, void* scratch, size_t sc
   const int64_t pivot_stride = s.channels_last ? 1 : s.HW;
   acc_t* partials = static_cast<acc_t*>(scratch);
   return dispatch_forward<T>(p, [&](auto v_c, auto cl_c, auto mode_c) -> cudaError_t {
-    constexpr int V = decltype(v_c)::value;
-    constexpr bool kCL = decltype(cl_c)::value;
     constexpr int kMode = decltype(mode_c)::value;
     int partial_splits = 0;
     if (p.training) {
       using StatsOp = ForwardStatsOpFor<T, kMode>;
-      const auto kernel = channel_reduce_kernel<StatsOp, V, kCL>;
-      LaunchPlan stats;
-      cudaError_t err = plan_kernel(kernel, s, V, p.sm_count, &stats);
-      if (err != cudaSuccess) return err;
-      if (partials_bytes<StatsOp>(stats, s.C) > scratch_bytes) return cudaErrorInvalidValue;
       StatsOp op{};
       op.input[0] = x;
       if constexpr (StatsOp::kInputs > 1) op.input[1] = r;
       op.pivot_stride = pivot_stride;
-      kernel<<<stats.grid, kBlockThreads, 0, stream>>>(op, stats.geo, partials);
-      err = cudaGetLastError();
+      const cudaError_t err = launch_reduce(op, v_c, cl_c, s, p.sm_count, partials,
+                                            scratch_bytes, stream, &partial_splits);
       if (err != cudaSuccess) return err;
-      partial_splits = static_cast<int>(stats.grid.y);
     }
     using ApplyOp = ForwardApplyOp<T, kMode>;
     ApplyOp op{};
     op.input[0] = x;
     if constexpr (ApplyOp::kInputs > 1) op.input[1] = r;
     op.output[0] = static_cast<T*>(p.out);
-    const void* weight[2] = {p.weight, p.residual_weight};
-    const void* bias[2] = {p.bias, p.residual_bias};
-    const void* running_mean[2] = {p.running_mean, p.residual_running_mean};
-    const void* running_var[2] = {p.running_var, p.residual_running_var};
-    for (int b = 0; b < ApplyOp::kBranches; ++b) {
-      op.weight[b] = static_cast<const acc_t*>(weight[b]);
-      op.bias[b] = static_cast<const acc_t*>(bias[b]);
-      op.running_mean[b] = static_cast<const acc_t*>(running_mean[b]);
-      op.running_var[b] = static_cast<const acc_t*>(running_var[b]);
-    }
+    set_branches(op.weight, p.weight, p.residual_weight);
+    set_branches(op.bias, p.bias, p.residual_bias);
+    set_branches(op.running_mean, p.running_mean, p.residual_running_mean);
+    set_branches(op.running_var, p.running_var, p.residual_running_var);
     op.save_stats = static_cast<acc_t*>(p.save_stats);
     op.new_running = p.training ? static_cast<acc_t*>(p.new_running) : nullptr;
     op.channels = s.C;
@@ -807,12 +830,7 @@ cudaError_t forward_launch(const BnActForwardParams& p, void* scratch, size_t sc
     op.momentum = static_cast<acc_t>(p.momentum);
     op.batch_stats = p.training;
     op.relu = p.relu;
-    const auto kernel = channel_apply_kernel<ApplyOp, V, kCL>;
-    LaunchPlan apply;
-    const cudaError_t err = plan_kernel(kernel, s, V, p.sm_count, &apply);
-    if (err != cudaSuccess) return err;
-    kernel<<<apply.grid, kBlockThreads, 0, stream>>>(op, apply.geo, partials, partial_splits);
-    return cudaGetLastError();
+    return launch_apply(op, v_c, cl_c, s, p.sm_count, partials, partial_splits, stream);
   });
 }
 
@@ -829,14 +847,9 @@ auto dispatch_backward(const BnActBackwardParams& p, F&& f) {
 
 template <typename T>
 size_t backward_scratch_bytes(const BnActBackwardParams& p) {
-  return dispatch_backward<T>(p, [&](auto v_c, auto cl_c, auto mode_c) -> size_t {
-    using SumsOp = BackwardSumsOp<T, decltype(mode_c)::value>;
-    LaunchPlan plan;
-    const cudaError_t err = plan_kernel(
-        channel_reduce_kernel<SumsOp, decltype(v_c)::value, decltype(cl_c)::value>, p.shape,
-        decltype(v_c)::value, p.sm_count, &plan);
-    // On error no scratch; the launch then meets the same error.
-    return err == cudaSuccess ? partials_bytes<SumsOp>(plan, p.shape.C) : 0;
+  return dispatch_backward<T>(p, [&](auto v_c, auto cl_c, auto mode_c) {
+    return reduce_scratch_bytes<BackwardSumsOp<T, decltype(mode_c)::value>>(
+        v_c, cl_c, p.shape, p.sm_count);
   });
 }
 
@@ -851,12 +864,8 @@ void fill_backward_base(Op& op, const BnActBackwardParams& p) {
   if constexpr (Op::kInputs > 2) {
     op.input[2] = (p.relu || p.residual_bn) ? static_cast<const T*>(p.residual) : nullptr;
   }
-  const void* weight[2] = {p.weight, p.residual_weight};
-  const void* bias[2] = {p.bias, p.residual_bias};
-  for (int b = 0; b < Op::kBranches; ++b) {
-    op.weight[b] = static_cast<const acc_t*>(weight[b]);
-    op.bias[b] = static_cast<const acc_t*>(bias[b]);
-  }
+  set_branches(op.weight, p.weight, p.residual_weight);
+  set_branches(op.bias, p.bias, p.residual_bias);
   op.save_stats = static_cast<const acc_t*>(p.save_stats);
   op.channels = p.shape.C;
   op.relu = p.relu;
@@ -869,19 +878,12 @@ cudaError_t backward_launch(const BnActBackwardParams& p, void* scratch, size_t 
   const ActivationShape& s = p.shape;
   acc_t* partials = static_cast<acc_t*>(scratch);
   return dispatch_backward<T>(p, [&](auto v_c, auto cl_c, auto mode_c) -> cudaError_t {
-    constexpr int V = decltype(v_c)::value;
-    constexpr bool kCL = decltype(cl_c)::value;
     constexpr int kMode = decltype(mode_c)::value;
-    using SumsOp = BackwardSumsOp<T, kMode>;
-    const auto sums_kernel = channel_reduce_kernel<SumsOp, V, kCL>;
-    LaunchPlan sums;
-    cudaError_t err = plan_kernel(sums_kernel, s, V, p.sm_count, &sums);
-    if (err != cudaSuccess) return err;
-    if (partials_bytes<SumsOp>(sums, s.C) > scratch_bytes) return cudaErrorInvalidValue;
-    SumsOp sums_op{};
-    fill_backward_base(sums_op, p);
-    sums_kernel<<<sums.grid, kBlockThreads, 0, stream>>>(sums_op, sums.geo, partials);
-    err = cudaGetLastError();
+    BackwardSumsOp<T, kMode> sums{};
+    fill_backward_base(sums, p);
+    int sum_splits = 0;
+    const cudaError_t err = launch_reduce(sums, v_c, cl_c, s, p.sm_count, partials,
+                                          scratch_bytes, stream, &sum_splits);
     if (err != cudaSuccess) return err;
 
     using ApplyOp = BackwardApplyOp<T, kMode>;
@@ -889,21 +891,11 @@ cudaError_t backward_launch(const BnActBackwardParams& p, void* scratch, size_t 
     fill_backward_base(op, p);
     op.output[0] = static_cast<T*>(p.grad_input);
     if constexpr (ApplyOp::kOutputs > 1) op.output[1] = static_cast<T*>(p.grad_residual);
-    void* grad_weight[2] = {p.grad_weight, p.grad_residual_weight};
-    void* grad_bias[2] = {p.grad_bias, p.grad_residual_bias};
-    for (int b = 0; b < ApplyOp::kBranches; ++b) {
-      op.grad_weight[b] = static_cast<acc_t*>(grad_weight[b]);
-      op.grad_bias[b] = static_cast<acc_t*>(grad_bias[b]);
-    }
+    set_branches(op.grad_weight, p.grad_weight, p.grad_residual_weight);
+    set_branches(op.grad_bias, p.grad_bias, p.grad_residual_bias);
     op.m = static_cast<acc_t>(values_per_channel(s));
     op.batch_stats = p.training;
-    const auto apply_kernel = channel_apply_kernel<ApplyOp, V, kCL>;
-    LaunchPlan apply;
-    err = plan_kernel(apply_kernel, s, V, p.sm_count, &apply);
-    if (err != cudaSuccess) return err;
-    apply_kernel<<<apply.grid, kBlockThreads, 0, stream>>>(op, apply.geo, partials,
-                                                           static_cast<int>(sums.grid.y));
-    return cudaGetLastError();
+    return launch_apply(op, v_c, cl_c, s, p.sm_count, partials, sum_splits, stream);
   });
 }
 

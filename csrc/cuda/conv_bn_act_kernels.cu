@@ -109,24 +109,21 @@ inline size_t prologue_table_bytes(int C) { return size_t(C) * 2 * sizeof(float)
 // memory layout, same warp-level MMA), plus the in-place transform of the A tile described in
 // the file comment.
 template <typename StockMma>
-class PrologueMainloop
-    : public cutlass::gemm::threadblock::MmaBase<typename StockMma::Shape,
-                                                 typename StockMma::Policy, StockMma::kStages> {
+class PrologueMainloop : public StockMma::Base {
  public:
-  using Base = cutlass::gemm::threadblock::MmaBase<typename StockMma::Shape,
-                                                   typename StockMma::Policy, StockMma::kStages>;
-  using Shape = typename StockMma::Shape;
-  using Policy = typename StockMma::Policy;
+  using Base = typename StockMma::Base;  // the stock mainloop's CUTLASS MmaBase
+  using typename Base::Shape;
+  using typename Base::Policy;
+  using typename Base::Operator;
+  using Base::kStages;
+  using Base::kWarpGemmIterations;
   using IteratorA = typename StockMma::IteratorA;
   using IteratorB = typename StockMma::IteratorB;
   using SmemIteratorA = typename StockMma::SmemIteratorA;
   using SmemIteratorB = typename StockMma::SmemIteratorB;
-  using Operator = typename Policy::Operator;
   using FragmentC = typename Operator::FragmentC;
   using Element = typename IteratorA::Element;
 
-  static constexpr int kStages = Base::kStages;
-  static constexpr int kWarpGemmIterations = Base::kWarpGemmIterations;
   static constexpr int kThreads = IteratorA::ThreadMap::kThreads;
   static constexpr int kCopiesA = IteratorA::ThreadMap::Iterations::kCount;
   static constexpr int kCopiesB = IteratorB::ThreadMap::Iterations::kCount;
@@ -404,7 +401,7 @@ class BnActEpilogue
   using OutputTileIterator = typename Parts::OutputTileIterator;
   using AccumulatorFragmentIterator = typename Parts::AccumulatorFragmentIterator;
   using SharedLoadIterator = typename Parts::SharedLoadIterator;
-  using AccumulatorTile = typename Base::AccumulatorTile;
+  using typename Base::AccumulatorTile;
   using ThreadMap = typename OutputTileIterator::ThreadMap;
   using Fragment = typename OutputTileIterator::Fragment;
 
@@ -818,25 +815,17 @@ cudaError_t launch_kernel(const ConvBnActParams& p, float2* partials, cudaStream
   return cudaGetLastError();
 }
 
-template <typename Element>
-cudaError_t launch_for_element(const ConvBnActParams& p, float2* partials, cudaStream_t stream) {
+// Calls f(ConvBnActKernel<Element, prologue>{}) with the kernel of p's element type (float16
+// or bfloat16) and input prologue.
+template <typename F>
+auto dispatch_kernel(const ConvBnActParams& p, F&& f) {
   const bool prologue = p.in_scale != nullptr || p.in_shift != nullptr || p.in_relu;
-  return prologue ? launch_kernel<ConvBnActKernel<Element, true>>(p, partials, stream)
-                  : launch_kernel<ConvBnActKernel<Element, false>>(p, partials, stream);
-}
-
-template <typename Element>
-size_t shared_bytes_for(const ConvBnActParams& p) {
-  const bool prologue = p.in_scale != nullptr || p.in_shift != nullptr || p.in_relu;
-  return prologue ? ConvBnActKernel<Element, true>::shared_bytes(p.geometry.C)
-                  : ConvBnActKernel<Element, false>::shared_bytes(p.geometry.C);
-}
-
-template <typename Element>
-bool iterators_accept(const cutlass::conv::Conv2dProblemSize& problem) {
-  using Kernel = ConvBnActKernel<Element, false>;
-  return Kernel::IteratorA::can_implement(problem) == cutlass::Status::kSuccess &&
-         Kernel::IteratorB::can_implement(problem) == cutlass::Status::kSuccess;
+  auto with_element = [&](auto element) {
+    using Element = decltype(element);
+    return prologue ? f(ConvBnActKernel<Element, true>{}) : f(ConvBnActKernel<Element, false>{});
+  };
+  return p.element == ConvElement::kHalf ? with_element(cutlass::half_t{})
+                                         : with_element(cutlass::bfloat16_t{});
 }
 
 int output_extent(int in, int pad, int dilation, int filter, int stride) {
@@ -878,9 +867,11 @@ const char* conv_bn_act_unsupported_reason(const ConvBnActParams& p) {
     return "tensors must have fewer than 2^31 elements";
   }
   const cutlass::conv::Conv2dProblemSize problem = problem_size(g);
-  const bool accepted = p.element == ConvElement::kHalf
-                            ? iterators_accept<cutlass::half_t>(problem)
-                            : iterators_accept<cutlass::bfloat16_t>(problem);
+  const bool accepted = dispatch_kernel(p, [&](auto kernel) {
+    using Kernel = decltype(kernel);
+    return Kernel::IteratorA::can_implement(problem) == cutlass::Status::kSuccess &&
+           Kernel::IteratorB::can_implement(problem) == cutlass::Status::kSuccess;
+  });
   if (!accepted) {
     return "CUTLASS's conv iterators do not accept this problem";
   }
@@ -897,8 +888,8 @@ const char* conv_bn_act_unsupported_reason(const ConvBnActParams& p) {
   if (major < 8) {
     return "the CUTLASS kernels need a GPU of compute capability 8.0 or newer";
   }
-  const size_t smem = p.element == ConvElement::kHalf ? shared_bytes_for<cutlass::half_t>(p)
-                                                      : shared_bytes_for<cutlass::bfloat16_t>(p);
+  const size_t smem =
+      dispatch_kernel(p, [&](auto kernel) { return decltype(kernel)::shared_bytes(g.C); });
   if (smem > size_t(smem_limit)) {
     return "too many input channels for the input prologue's table in shared memory";
   }
@@ -925,10 +916,8 @@ cudaError_t conv_bn_act_launch(const ConvBnActParams& p, void* scratch, size_t s
     }
     partials = static_cast<float2*>(scratch);
   }
-  const cudaError_t err =
-      p.element == ConvElement::kHalf
-          ? launch_for_element<cutlass::half_t>(p, partials, stream)
-          : launch_for_element<cutlass::bfloat16_t>(p, partials, stream);
+  const cudaError_t err = dispatch_kernel(
+      p, [&](auto kernel) { return launch_kernel<decltype(kernel)>(p, partials, stream); });
   if (err != cudaSuccess || partials == nullptr) {
     return err;
   }

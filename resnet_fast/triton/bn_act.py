@@ -74,6 +74,21 @@ __all__ = ["BnActConfig", "pick_config", "forward", "backward"]
 
 
 @triton.jit
+def _channel_block(C, BLOCK_C: tl.constexpr):
+    """(c0, c, c_mask): channels c = c0 .. c0+BLOCK_C of this program's block (grid axis 1)."""
+    c0 = tl.program_id(1) * BLOCK_C
+    c = c0 + tl.arange(0, BLOCK_C)
+    return c0, c, c < C
+
+
+@triton.jit
+def _first_row_mask(c, C):
+    """Where this program stores per-channel results: channels c < C in the first row of
+    programs, so that each is written once."""
+    return c < tl.where(tl.program_id(0) == 0, C, 0)
+
+
+@triton.jit
 def _row_tile(t, c0, C, HW, M, row_tiles_per_n, CHANNELS_LAST: tl.constexpr,
               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """(int64 base, int32 in-tile offsets, mask) of row tile t at channels c0 .. c0+BLOCK_C."""
@@ -93,6 +108,13 @@ def _row_tile(t, c0, C, HW, M, row_tiles_per_n, CHANNELS_LAST: tl.constexpr,
         offs = chans[:, None] * HW + pos[None, :]
         mask = (chans[:, None] < C - c0) & (pos[None, :] < HW - hw0)
     return base, offs, mask
+
+
+@triton.jit
+def _tile_run(tiles_per_program, num_row_tiles):
+    """(first, end) row tiles of this program's run (grid axis 0)."""
+    t_start = tl.program_id(0) * tiles_per_program
+    return t_start, tl.minimum(t_start + tiles_per_program, num_row_tiles)
 
 
 @triton.jit
@@ -170,6 +192,26 @@ def _pre_activation(x, r, mean, scale, b, r_mean, r_scale, RESIDUAL_MODE: tl.con
 
 
 @triton.jit
+def _load_grad_tile(grad_out_ptr, x_ptr, residual_ptr, base, offs, mask, mean, scale, b, r_mean,
+                    r_scale, acc: tl.constexpr, READ_X: tl.constexpr,
+                    RESIDUAL_MODE: tl.constexpr, RELU: tl.constexpr):
+    """(g, x, r) of a backward tile: g = dy * [not pre-activation <= 0] (NaN passes, as
+    threshold_backward), x where READ_X or the ReLU mask needs it, r where the BatchNorm'ed
+    residual or the ReLU mask needs it (dy stands in for what is not read)."""
+    g = tl.load(grad_out_ptr + base + offs, mask=mask, other=0.0).to(acc)
+    x = g
+    if READ_X or RELU:
+        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(acc)
+    r = g
+    if RESIDUAL_MODE == 2 or (RELU and RESIDUAL_MODE == 1):
+        r = tl.load(residual_ptr + base + offs, mask=mask, other=0.0).to(acc)
+    if RELU:
+        pre = _pre_activation(x, r, mean, scale, b, r_mean, r_scale, RESIDUAL_MODE)
+        g = tl.where(pre <= 0.0, 0.0, g)
+    return g, x, r
+
+
+@triton.jit
 def _sum_partials(partials_ptr, k, c, c_mask, C, num_partials, NUM_SUMS: tl.constexpr,
                   PARTIAL_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
     """sum over row programs p of partials[p, k, c]: a [BLOCK_C] vector."""
@@ -180,6 +222,14 @@ def _sum_partials(partials_ptr, k, c, c_mask, C, num_partials, NUM_SUMS: tl.cons
         ptrs = partials_ptr + (p[:, None] * NUM_SUMS + k) * C + c[None, :]
         acc += tl.load(ptrs, mask=(p[:, None] < num_partials) & c_mask[None, :], other=0.0)
     return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _store_partial(partials_ptr, k, tile, c, c_mask, C, NUM_SUMS: tl.constexpr,
+                   CHANNELS_LAST: tl.constexpr):
+    """partials[p, k, c] = the per-channel sum of tile, p this program's run (grid axis 0)."""
+    out = partials_ptr + tl.program_id(0) * (NUM_SUMS * C) + k * C + c
+    tl.store(out, _channel_sum(tile, CHANNELS_LAST), mask=c_mask)
 
 
 @triton.jit
@@ -252,12 +302,9 @@ def bn_act_fwd_stats_kernel(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Pivot-shifted partial sums of x (and of the residual) over one run of row tiles."""
-    pid_r = tl.program_id(0)
-    c0 = tl.program_id(1) * BLOCK_C
+    c0, c, c_mask = _channel_block(C, BLOCK_C)
     acc: tl.constexpr = partials_ptr.dtype.element_ty
     NUM_SUMS: tl.constexpr = 4 if RESIDUAL_BN else 2
-    c = c0 + tl.arange(0, BLOCK_C)
-    c_mask = c < C
     # Tile-shaped accumulators, reduced across the tile once at the end: each lane sums only
     # tiles_per_program values, and the tile reduction is a tree.
     x_pivot = _per_channel(_load_pivot(x_ptr, c, c_mask, HW, CHANNELS_LAST, acc), CHANNELS_LAST)
@@ -268,8 +315,7 @@ def bn_act_fwd_stats_kernel(
                                CHANNELS_LAST)
         r_s1 = _tile_zeros(acc, CHANNELS_LAST, BLOCK_R, BLOCK_C)
         r_s2 = _tile_zeros(acc, CHANNELS_LAST, BLOCK_R, BLOCK_C)
-    t_start = pid_r * tiles_per_program
-    t_end = tl.minimum(t_start + tiles_per_program, num_row_tiles)
+    t_start, t_end = _tile_run(tiles_per_program, num_row_tiles)
     for t in range(t_start, t_end):
         base, offs, mask = _row_tile(t, c0, C, HW, M, row_tiles_per_n, CHANNELS_LAST,
                                      BLOCK_R, BLOCK_C)
@@ -282,12 +328,11 @@ def bn_act_fwd_stats_kernel(
             dr = tl.where(mask, r - r_pivot, 0.0)
             r_s1 += dr
             r_s2 += dr * dr
-    out = partials_ptr + pid_r * (NUM_SUMS * C) + c
-    tl.store(out, _channel_sum(x_s1, CHANNELS_LAST), mask=c_mask)
-    tl.store(out + C, _channel_sum(x_s2, CHANNELS_LAST), mask=c_mask)
+    _store_partial(partials_ptr, 0, x_s1, c, c_mask, C, NUM_SUMS, CHANNELS_LAST)
+    _store_partial(partials_ptr, 1, x_s2, c, c_mask, C, NUM_SUMS, CHANNELS_LAST)
     if RESIDUAL_BN:
-        tl.store(out + 2 * C, _channel_sum(r_s1, CHANNELS_LAST), mask=c_mask)
-        tl.store(out + 3 * C, _channel_sum(r_s2, CHANNELS_LAST), mask=c_mask)
+        _store_partial(partials_ptr, 2, r_s1, c, c_mask, C, NUM_SUMS, CHANNELS_LAST)
+        _store_partial(partials_ptr, 3, r_s2, c, c_mask, C, NUM_SUMS, CHANNELS_LAST)
 
 
 @triton.jit
@@ -307,13 +352,10 @@ def bn_act_fwd_apply_kernel(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PARTIAL_CHUNK: tl.constexpr,
 ):
     """out = act((x - mean) * scale + b + r_term), statistics finalised in the prologue."""
-    pid_r = tl.program_id(0)
-    c0 = tl.program_id(1) * BLOCK_C
+    c0, c, c_mask = _channel_block(C, BLOCK_C)
     acc: tl.constexpr = weight_ptr.dtype.element_ty
     NUM_SUMS: tl.constexpr = 4 if RESIDUAL_MODE == 2 else 2
-    c = c0 + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    store_mask = c < tl.where(pid_r == 0, C, 0)  # per-channel results: first row of programs
+    store_mask = _first_row_mask(c, C)
     mean, invstd = _bn_channel_stats(
         x_ptr, running_mean_ptr, running_var_ptr, partials_ptr, save_stats_ptr, new_running_ptr,
         0, c, c_mask, store_mask, C, HW, M, num_partials, eps, momentum, TRAINING,
@@ -336,8 +378,7 @@ def bn_act_fwd_apply_kernel(
         r_scale = _per_channel(rw * r_invstd, CHANNELS_LAST)
         r_mean = _per_channel(r_mean, CHANNELS_LAST)
         b += _per_channel(rb, CHANNELS_LAST)
-    t_start = pid_r * tiles_per_program
-    t_end = tl.minimum(t_start + tiles_per_program, num_row_tiles)
+    t_start, t_end = _tile_run(tiles_per_program, num_row_tiles)
     for t in range(t_start, t_end):
         base, offs, mask = _row_tile(t, c0, C, HW, M, row_tiles_per_n, CHANNELS_LAST,
                                      BLOCK_R, BLOCK_C)
@@ -363,13 +404,9 @@ def bn_act_bwd_reduce_kernel(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Partial per-channel sums of g, g*(x - mean) (and g*(r - r_mean)) over a run of tiles."""
-    pid_r = tl.program_id(0)
-    c0 = tl.program_id(1) * BLOCK_C
+    c0, c, c_mask = _channel_block(C, BLOCK_C)
     acc: tl.constexpr = weight_ptr.dtype.element_ty
     NUM_SUMS: tl.constexpr = 3 if RESIDUAL_MODE == 2 else 2
-    LOAD_RESIDUAL: tl.constexpr = RESIDUAL_MODE == 2 or (RELU and RESIDUAL_MODE == 1)
-    c = c0 + tl.arange(0, BLOCK_C)
-    c_mask = c < C
     mean, invstd, w, scale, b = _load_affine(save_stats_ptr, weight_ptr, bias_ptr, 0, c, c_mask,
                                              C)
     mean = _per_channel(mean, CHANNELS_LAST)
@@ -387,29 +424,21 @@ def bn_act_bwd_reduce_kernel(
     sum_gx = _tile_zeros(acc, CHANNELS_LAST, BLOCK_R, BLOCK_C)
     if RESIDUAL_MODE == 2:
         sum_gr = _tile_zeros(acc, CHANNELS_LAST, BLOCK_R, BLOCK_C)
-    t_start = pid_r * tiles_per_program
-    t_end = tl.minimum(t_start + tiles_per_program, num_row_tiles)
+    t_start, t_end = _tile_run(tiles_per_program, num_row_tiles)
     for t in range(t_start, t_end):
         base, offs, mask = _row_tile(t, c0, C, HW, M, row_tiles_per_n, CHANNELS_LAST,
                                      BLOCK_R, BLOCK_C)
-        g = tl.load(grad_out_ptr + base + offs, mask=mask, other=0.0).to(acc)
-        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(acc)
-        r = x  # unused unless the residual is read
-        if LOAD_RESIDUAL:
-            r = tl.load(residual_ptr + base + offs, mask=mask, other=0.0).to(acc)
-        if RELU:
-            pre = _pre_activation(x, r, mean, scale, b, r_mean, r_scale, RESIDUAL_MODE)
-            g = tl.where(pre <= 0.0, 0.0, g)  # NaN passes, as threshold_backward
+        g, x, r = _load_grad_tile(grad_out_ptr, x_ptr, residual_ptr, base, offs, mask, mean,
+                                  scale, b, r_mean, r_scale, acc, True, RESIDUAL_MODE, RELU)
         # masked lanes hold g = 0, so they add nothing
         sum_g += g
         sum_gx += g * (x - mean)
         if RESIDUAL_MODE == 2:
             sum_gr += g * (r - r_mean)
-    out = partials_ptr + pid_r * (NUM_SUMS * C) + c
-    tl.store(out, _channel_sum(sum_g, CHANNELS_LAST), mask=c_mask)
-    tl.store(out + C, _channel_sum(sum_gx, CHANNELS_LAST), mask=c_mask)
+    _store_partial(partials_ptr, 0, sum_g, c, c_mask, C, NUM_SUMS, CHANNELS_LAST)
+    _store_partial(partials_ptr, 1, sum_gx, c, c_mask, C, NUM_SUMS, CHANNELS_LAST)
     if RESIDUAL_MODE == 2:
-        tl.store(out + 2 * C, _channel_sum(sum_gr, CHANNELS_LAST), mask=c_mask)
+        _store_partial(partials_ptr, 2, sum_gr, c, c_mask, C, NUM_SUMS, CHANNELS_LAST)
 
 
 @triton.jit
@@ -456,15 +485,10 @@ def bn_act_bwd_apply_kernel(
     PARTIAL_CHUNK: tl.constexpr,
 ):
     """grad_input (and grad_residual) from the finalised sums; weight/bias gradients once."""
-    pid_r = tl.program_id(0)
-    c0 = tl.program_id(1) * BLOCK_C
+    c0, c, c_mask = _channel_block(C, BLOCK_C)
     acc: tl.constexpr = weight_ptr.dtype.element_ty
     NUM_SUMS: tl.constexpr = 3 if RESIDUAL_MODE == 2 else 2
-    LOAD_RESIDUAL: tl.constexpr = RESIDUAL_MODE == 2 or (RELU and RESIDUAL_MODE == 1)
-    LOAD_X: tl.constexpr = RELU or BATCH_STATS
-    c = c0 + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    store_mask = c < tl.where(pid_r == 0, C, 0)  # per-channel results: first row of programs
+    store_mask = _first_row_mask(c, C)
     m = tl.full([BLOCK_C], M, acc)
     sum_g = _sum_partials(partials_ptr, 0, c, c_mask, C, num_partials, NUM_SUMS, PARTIAL_CHUNK,
                           BLOCK_C)
@@ -486,21 +510,13 @@ def bn_act_bwd_apply_kernel(
             grad_residual_bias_ptr, 1, sum_g, sum_gr, m, c, c_mask, store_mask, C,
             CHANNELS_LAST, BATCH_STATS)
         b += r_b
-    t_start = pid_r * tiles_per_program
-    t_end = tl.minimum(t_start + tiles_per_program, num_row_tiles)
+    t_start, t_end = _tile_run(tiles_per_program, num_row_tiles)
     for t in range(t_start, t_end):
         base, offs, mask = _row_tile(t, c0, C, HW, M, row_tiles_per_n, CHANNELS_LAST,
                                      BLOCK_R, BLOCK_C)
-        g = tl.load(grad_out_ptr + base + offs, mask=mask, other=0.0).to(acc)
-        x = g  # unused unless x is read
-        if LOAD_X:
-            x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(acc)
-        r = g  # unused unless the residual is read
-        if LOAD_RESIDUAL:
-            r = tl.load(residual_ptr + base + offs, mask=mask, other=0.0).to(acc)
-        if RELU:
-            pre = _pre_activation(x, r, mean, scale, b, r_mean, r_scale, RESIDUAL_MODE)
-            g = tl.where(pre <= 0.0, 0.0, g)  # NaN passes, as threshold_backward
+        g, x, r = _load_grad_tile(grad_out_ptr, x_ptr, residual_ptr, base, offs, mask, mean,
+                                  scale, b, r_mean, r_scale, acc, BATCH_STATS, RESIDUAL_MODE,
+                                  RELU)
         if BATCH_STATS:
             dx = ((g - mean_g) - ((x - mean) * invstd) * mean_gxhat) * scale
         else:
