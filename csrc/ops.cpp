@@ -11,6 +11,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "op_signatures.h"
+
 #include <optional>
 #include <string>
 #include <tuple>
@@ -21,7 +23,6 @@ namespace {
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using OptTensor = std::optional<Tensor>;
 
 std::optional<Tensor> given(const Tensor& t) {
   return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
@@ -42,30 +43,6 @@ void bump_versions(std::initializer_list<const OptTensor*> tensors) {
       torch::autograd::impl::bump_version(**t);
     }
   }
-}
-
-using BnActSig = std::tuple<Tensor, Tensor>(
-    const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-    const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-    const OptTensor&, const OptTensor&, bool, bool, double, double, bool, c10::string_view);
-using BnActBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-    const OptTensor&, const OptTensor&, const Tensor&, bool, bool, bool, c10::string_view);
-using ConvBnActSig = std::tuple<Tensor, Tensor, Tensor>(
-    const Tensor&, const Tensor&, const OptTensor&, at::IntArrayRef, at::IntArrayRef,
-    at::IntArrayRef, int64_t, const OptTensor&, const OptTensor&, const OptTensor&, bool,
-    const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-    const OptTensor&, bool, double, double, bool, bool, bool, bool, c10::string_view);
-using ConvBnActBackwardSig =
-    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-        const Tensor&, const Tensor&, const Tensor&, const OptTensor&, at::IntArrayRef,
-        at::IntArrayRef, at::IntArrayRef, int64_t, const OptTensor&, const OptTensor&,
-        const OptTensor&, bool, const OptTensor&, const OptTensor&, const OptTensor&,
-        const Tensor&, const Tensor&, bool, bool, bool, bool, c10::string_view);
-
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
 struct BnActFunction : public torch::autograd::Function<BnActFunction> {

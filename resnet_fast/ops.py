@@ -39,9 +39,11 @@ the registered kernel copies into the running buffers.
     ``(2, C)`` (mean, invstd) that normalised. With batch statistics the running statistics and
     the batch counter are updated as by ``bn_act``.
 ``resnet_fast::conv_bn_act_backward`` (functional)
-    Its gradients: the BatchNorm/ReLU part with ``bn_act``'s backward kernels, the conv part
+    Its gradients, one C++ composite for every backend (``csrc/conv_bn_act_backward.cpp``):
+    the BatchNorm/ReLU part through ``bn_act_backward`` (the backend's kernels), the conv part
     with ``aten.convolution_backward`` on the recomputed (never saved) normalised input, then
-    the input BatchNorm's backward when the input was normalised on load.
+    the input BatchNorm's backward through ``bn_act_backward`` when the input was normalised on
+    load.
 
 Kernels behind ``conv_bn_act``: ``triton`` and ``cuda`` fuse the input normalisation into the
 conv's load and the BatchNorm (+ residual + ReLU) or the statistics into its epilogue (one
@@ -227,18 +229,6 @@ def _scale_shift(stats: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
     return scale, shift
 
 
-def _normalize(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], stats: Tensor,
-               relu: bool) -> Tensor:
-    """``act(batch_norm(x))`` with known statistics, computed in their dtype and returned in
-    ``x``'s dtype and layout: the input of a conv that normalises on load, recomputed for its
-    backward (and formed in full where no kernel fuses the load)."""
-    scale, shift = _scale_shift(stats, weight, bias)
-    y = torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
-    if relu:
-        y = y.relu_()
-    return y.to(x.dtype).contiguous(memory_format=memory_format_of(x))
-
-
 def _running_update(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
                     count: int, momentum: float) -> Tensor:
     """``(2, C)`` updated (running_mean, running_var) as ``nn.BatchNorm2d`` updates them, from
@@ -418,65 +408,6 @@ def _conv_bn_act_fake(
     return activation(True), activation(keeps_raw), input.new_empty((2, shape[1]), dtype=acc)
 
 
-def _conv_bn_act_backward(
-    grad_out: Tensor,
-    input: Tensor,
-    weight: Tensor,
-    conv_bias: Optional[Tensor],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-    in_weight: Optional[Tensor],
-    in_bias: Optional[Tensor],
-    in_stats: Optional[Tensor],
-    in_relu: bool,
-    bn_weight: Optional[Tensor],
-    bn_bias: Optional[Tensor],
-    residual: Optional[Tensor],
-    raw: Tensor,
-    save_stats: Tensor,
-    batch_stats: bool,
-    relu: bool,
-    defer: bool,
-    input_grad: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    acc = acc_dtype_of(input.dtype)
-    in_fmt, weight_fmt = memory_format_of(input), memory_format_of(weight)
-
-    def empty():  # an absent gradient: a fresh one each time, as outputs may not alias
-        return input.new_empty((0,), dtype=acc)
-
-    x = input.contiguous(memory_format=in_fmt)
-    if defer:
-        grad_raw, grad_bn_weight, grad_bn_bias, grad_residual = grad_out, empty(), empty(), empty()
-    else:
-        if not raw.numel():  # not kept by the forward: the conv once more, as it ran then
-            raw = _conv_launcher(backend)(x, weight, conv_bias, stride, padding, dilation, groups,
-                                          **_prologue(in_weight, in_bias, in_stats, in_relu))[0]
-        grad_raw, grad_bn_weight, grad_bn_bias, grad_residual, _, _ = _bn_act_backward(
-            grad_out, raw, bn_weight, bn_bias, residual, None, None, save_stats.unsqueeze(0),
-            False, batch_stats, relu, backend)
-    grad_raw = grad_raw.contiguous(memory_format=in_fmt)
-    a = x if in_stats is None else _normalize(x, in_weight, in_bias, in_stats, in_relu)
-    grad_a, grad_weight, grad_conv_bias = torch.ops.aten.convolution_backward(
-        grad_raw, a, weight, None if conv_bias is None else [weight.shape[0]], stride, padding,
-        dilation, False, [0, 0], groups, [input_grad, True, conv_bias is not None])
-    if not input_grad:
-        grad_input, grad_in_weight, grad_in_bias = empty(), empty(), empty()
-    elif in_stats is None:
-        grad_input, grad_in_weight, grad_in_bias = grad_a, empty(), empty()
-    else:
-        grad_input, grad_in_weight, grad_in_bias, _, _, _ = _bn_act_backward(
-            grad_a, x, in_weight, in_bias, None, None, None, in_stats.unsqueeze(0), False,
-            True, in_relu, backend)
-    return (grad_input.contiguous(memory_format=in_fmt) if input_grad else grad_input,
-            grad_weight.contiguous(memory_format=weight_fmt),
-            empty() if grad_conv_bias is None else grad_conv_bias,
-            grad_in_weight, grad_in_bias, grad_bn_weight, grad_bn_bias, grad_residual)
-
-
 @torch.library.register_fake("resnet_fast::conv_bn_act_backward")
 def _conv_bn_act_backward_fake(
     grad_out, input, weight, conv_bias, stride, padding, dilation, groups, in_weight,
@@ -548,12 +479,12 @@ def _conv_bn_act_kernel(input, weight, conv_bias, stride, padding, dilation, gro
     return out, raw, save_stats
 
 
-# The CPU kernels are C++ (csrc/cpu/ops_cpu.cpp); these run the calls they leave to Python (the
-# Triton backend under its interpreter, the folded oneDNN eval call) and every call on CUDA
+# The CPU kernels are C++ (csrc/cpu/ops_cpu.cpp), as is conv_bn_act_backward on every device
+# (csrc/conv_bn_act_backward.cpp); these run the calls the CPU kernels leave to Python (the Triton
+# backend under its interpreter, the folded oneDNN eval call) and the other calls on CUDA
 # tensors.
 for _name, _kernel in (("bn_act", _bn_act_kernel), ("bn_act_backward", _bn_act_backward),
-                       ("conv_bn_act", _conv_bn_act_kernel),
-                       ("conv_bn_act_backward", _conv_bn_act_backward)):
+                       ("conv_bn_act", _conv_bn_act_kernel)):
     _C.set_python_kernel(_name, _kernel)
     torch.library.register_kernel(f"resnet_fast::{_name}", "cuda", _kernel)
 

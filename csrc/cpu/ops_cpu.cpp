@@ -1,6 +1,7 @@
-// The CPU kernels of the resnet_fast ops (their schemas and autograd are in ../ops.cpp). A call
-// with backend "cpu" runs here, in C++: its arguments normalised (tensor_args.h), the kernels
-// of bn_act.cpp and conv_bn_act_cpu.cpp, the running statistics and batch counters updated.
+// The CPU kernels of the resnet_fast ops (their schemas and autograd are in ../ops.cpp; the
+// backward of conv_bn_act is the composite of ../conv_bn_act_backward.cpp). A call with backend
+// "cpu" runs here, in C++: its arguments normalised (tensor_args.h), the kernels of bn_act.cpp
+// and conv_bn_act_cpu.cpp, the running statistics and batch counters updated.
 // Every other call on CPU tensors runs the op's Python kernel, which resnet_fast/ops.py sets
 // with set_python_kernel: the Triton backend under Triton's interpreter, and the folded oneDNN
 // eval call of conv_bn_act (its folded-weight cache is resnet_fast/folded_weights.py).
@@ -13,6 +14,7 @@
 #include <string>
 #include <unordered_map>
 
+#include "../stack_args.h"
 #include "bn_act_cpu.h"
 #include "conv_bn_act_cpu.h"
 #include "tensor_args.h"
@@ -32,44 +34,6 @@ std::unordered_map<std::string, py::object>& python_kernels() {
   static auto* kernels = new std::unordered_map<std::string, py::object>();
   return *kernels;
 }
-
-// An op call's arguments on the dispatcher's stack, read by name; finish() replaces them with
-// the call's results.
-class StackArgs {
- public:
-  StackArgs(const c10::OperatorHandle& op, Stack* stack)
-      : schema_(op.schema()),
-        stack_(*stack),
-        count_(schema_.arguments().size()),
-        base_(stack->size() - count_) {}
-
-  const c10::IValue& operator[](const char* name) const {
-    const auto index = schema_.argumentIndexWithName(name);
-    TORCH_INTERNAL_ASSERT(index.has_value(), schema_.name(), " has no argument ", name);
-    return stack_[base_ + *index];
-  }
-  at::Tensor tensor(const char* name) const { return (*this)[name].toTensor(); }
-  OptTensor optional(const char* name) const {
-    const c10::IValue& v = (*this)[name];
-    return v.isNone() ? OptTensor() : OptTensor(v.toTensor());
-  }
-  bool flag(const char* name) const { return (*this)[name].toBool(); }
-  double real(const char* name) const { return (*this)[name].toDouble(); }
-  int64_t integer(const char* name) const { return (*this)[name].toInt(); }
-  std::vector<int64_t> ints(const char* name) const { return (*this)[name].toIntVector(); }
-  bool runs_here() const { return (*this)["backend"].toStringRef() == "cpu"; }
-
-  void finish(std::initializer_list<at::Tensor> results) {
-    torch::jit::drop(stack_, count_);
-    for (const at::Tensor& t : results) stack_.emplace_back(t);
-  }
-
- private:
-  const c10::FunctionSchema& schema_;
-  Stack& stack_;
-  const size_t count_;
-  const size_t base_;
-};
 
 // The op's Python kernel on the call's arguments; its results replace them on the stack.
 void run_python_kernel(const c10::OperatorHandle& op, Stack* stack) {
@@ -141,7 +105,7 @@ struct BnActOperands {
 
 void bn_act_kernel(const c10::OperatorHandle& op, Stack* stack) {
   StackArgs a(op, stack);
-  if (!a.runs_here()) return run_python_kernel(op, stack);
+  if (a.text("backend") != "cpu") return run_python_kernel(op, stack);
   const BnActOperands o(a);
   const bool training = a.flag("training");
   const OptTensor rm = a.optional("running_mean"), rv = a.optional("running_var");
@@ -160,7 +124,7 @@ void bn_act_kernel(const c10::OperatorHandle& op, Stack* stack) {
 
 void bn_act_backward_kernel(const c10::OperatorHandle& op, Stack* stack) {
   StackArgs a(op, stack);
-  if (!a.runs_here()) return run_python_kernel(op, stack);
+  if (a.text("backend") != "cpu") return run_python_kernel(op, stack);
   const BnActOperands o(a);
   auto [gx, gw, gb, gr, grw, grb] = bn_act_backward_cpu(
       a.tensor("grad_out").contiguous(o.fmt), o.input, o.weight, o.bias, o.residual,
@@ -173,7 +137,7 @@ void conv_bn_act_kernel(const c10::OperatorHandle& op, Stack* stack) {
   StackArgs a(op, stack);
   const at::Tensor input = a.tensor("input");
   const bool batch_stats = a.flag("batch_stats");
-  if (!a.runs_here() || !runs_composite(input.scalar_type(), batch_stats, a.flag("save_raw"))) {
+  if (a.text("backend") != "cpu" || !runs_composite(input.scalar_type(), batch_stats, a.flag("save_raw"))) {
     return run_python_kernel(op, stack);
   }
   const bool defer = a.flag("defer");
@@ -191,19 +155,6 @@ void conv_bn_act_kernel(const c10::OperatorHandle& op, Stack* stack) {
   }
   if (a.flag("recompute") && raw.numel()) raw = empty_acc(raw);  // backward runs the conv again
   a.finish({out, raw, save_stats});
-}
-
-void conv_bn_act_backward_kernel(const c10::OperatorHandle& op, Stack* stack) {
-  StackArgs a(op, stack);
-  if (!a.runs_here()) return run_python_kernel(op, stack);
-  auto [gx, gw, gcb, giw, gib, gbw, gbb, gr] = conv_bn_act_backward_cpu(
-      a.tensor("grad_out"), a.tensor("input"), a.tensor("weight"), a.optional("conv_bias"),
-      a.ints("stride"), a.ints("padding"), a.ints("dilation"), a.integer("groups"),
-      a.optional("in_weight"), a.optional("in_bias"), a.optional("in_stats"),
-      a.flag("in_relu"), a.optional("bn_weight"), a.optional("bn_bias"),
-      a.optional("residual"), a.tensor("raw"), a.tensor("save_stats"), a.flag("batch_stats"),
-      a.flag("relu"), a.flag("defer"), a.flag("input_grad"));
-  a.finish({gx, gw, gcb, giw, gib, gbw, gbb, gr});
 }
 
 template <void (*Kernel)(const c10::OperatorHandle&, Stack*)>
@@ -225,7 +176,6 @@ TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
   m.impl("bn_act", boxed<bn_act_kernel>());
   m.impl("bn_act_backward", boxed<bn_act_backward_kernel>());
   m.impl("conv_bn_act", boxed<conv_bn_act_kernel>());
-  m.impl("conv_bn_act_backward", boxed<conv_bn_act_backward_kernel>());
 }
 
 }  // namespace cpu

@@ -1,0 +1,51 @@
+// An op call's arguments on the dispatcher's stack, read by name, for the boxed kernels of the
+// resnet_fast ops (cpu/ops_cpu.cpp, conv_bn_act_backward.cpp).
+#pragma once
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+
+#include <initializer_list>
+#include <optional>
+#include <vector>
+
+namespace resnet_fast {
+
+class StackArgs {
+ public:
+  StackArgs(const c10::OperatorHandle& op, torch::jit::Stack* stack)
+      : schema_(op.schema()),
+        stack_(*stack),
+        count_(schema_.arguments().size()),
+        base_(stack->size() - count_) {}
+
+  const c10::IValue& operator[](const char* name) const {
+    const auto index = schema_.argumentIndexWithName(name);
+    TORCH_INTERNAL_ASSERT(index.has_value(), schema_.name(), " has no argument ", name);
+    return stack_[base_ + *index];
+  }
+  at::Tensor tensor(const char* name) const { return (*this)[name].toTensor(); }
+  std::optional<at::Tensor> optional(const char* name) const {
+    const c10::IValue& v = (*this)[name];
+    return v.isNone() ? std::optional<at::Tensor>() : std::optional<at::Tensor>(v.toTensor());
+  }
+  bool flag(const char* name) const { return (*this)[name].toBool(); }
+  double real(const char* name) const { return (*this)[name].toDouble(); }
+  int64_t integer(const char* name) const { return (*this)[name].toInt(); }
+  std::vector<int64_t> ints(const char* name) const { return (*this)[name].toIntVector(); }
+  const std::string& text(const char* name) const { return (*this)[name].toStringRef(); }
+
+  // Replaces the arguments with the call's results.
+  void finish(std::initializer_list<at::Tensor> results) {
+    torch::jit::drop(stack_, count_);
+    for (const at::Tensor& t : results) stack_.emplace_back(t);
+  }
+
+ private:
+  const c10::FunctionSchema& schema_;
+  torch::jit::Stack& stack_;
+  const size_t count_;
+  const size_t base_;
+};
+
+}  // namespace resnet_fast
