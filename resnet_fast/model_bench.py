@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 import resnet_fast
 from resnet_fast import dispatch, models, reference
-from resnet_fast.cli import UsageError, parse_size
+from resnet_fast.cli import MODELS, UsageError, parse_size
 from resnet_fast.timing import (compiled, error_text, fmt_cell, interleave, provenance, pyplot,
                                 recompiles_of, row_provenance, time_stats, write_csv,
                                 write_json)
@@ -67,8 +67,6 @@ from resnet_fast.timing import (compiled, error_text, fmt_cell, interleave, prov
 # The checkout's benchmarks/results, where the committed results live.
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
-MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-          "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
 PROVIDERS = ("eager", "compile", "fused")
 # Measured only when asked for (--compare): the fused model with memory_efficient=True.
 FUSED_KINDS = ("fused", "fused_memory_efficient")

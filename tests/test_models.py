@@ -42,8 +42,7 @@ from torch import nn
 from resnet_fast import models, reference_models
 from resnet_fast.verify import compare, compare_over_draws
 
-ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-         "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
+ARCHS = list(reference_models.ARCHITECTURES)
 
 # torchvision's published parameter counts (1000 classes).
 TORCHVISION_PARAMS = {

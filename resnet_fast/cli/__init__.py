@@ -1,7 +1,8 @@
 """The subcommands of ``python -m resnet_fast`` (also installed as ``resnet-fast``).
 
-``verify`` lives in :mod:`resnet_fast.__main__`; ``info``, ``bench`` and ``train`` in the
-modules of this package, each with ``add_arguments(parser)`` and ``run(args) -> int``.
+``verify``, ``info``, ``bench`` and ``train`` live in the modules of this package, each with
+``add_arguments(parser)`` and ``run(args) -> int``; :mod:`resnet_fast.__main__` builds the
+parser from them.
 
 Bad input (an unknown name, an unusable device or backend, a missing file, an unwritable
 directory) is a :class:`UsageError`: ``main`` prints its message as one line on stderr and
@@ -16,14 +17,15 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
+from resnet_fast.reference_models import ARCHITECTURES
+
 __all__ = [
     "UsageError", "OneLineParser", "MODELS", "DEVICES", "parse_size", "check_device",
     "check_backend", "check_choice", "check_writable_dir", "min_input_size", "check_input_size",
 ]
 
 # The model builders of resnet_fast.models (and, under the same names, resnet_fast.reference).
-MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-          "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
+MODELS = tuple(ARCHITECTURES)
 DEVICES = ("cpu", "cuda")
 
 
