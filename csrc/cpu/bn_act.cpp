@@ -389,10 +389,12 @@ void check_activation(const char* name, const at::Tensor& t, const at::Tensor& x
               "resnet_fast cpu backend: ", name, " must have input's shape, layout and dtype");
 }
 
-Shape shape_of(const at::Tensor& x) {
+// The shape of x, checked to be a dense 4-D activation on the CPU.
+Shape checked_shape(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 4, "resnet_fast cpu backend: input must be 4-D, got ", x.dim(), "-D");
   TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "resnet_fast cpu backend: input must be dense NCHW or channels_last");
+  TORCH_CHECK(x.device().is_cpu(), "resnet_fast cpu backend: input must be on the CPU");
   return {x.size(0), x.size(1), x.size(2) * x.size(3)};
 }
 
@@ -433,6 +435,29 @@ Affine<kCL, acc_t> as_layout(const Affine<true, acc_t>& a) {
 int residual_mode(const std::optional<at::Tensor>& residual, bool residual_bn) {
   if (!residual.has_value()) return kNoResidual;
   return residual_bn ? kBatchNormResidual : kAddResidual;
+}
+
+// What the forward and the backward derive from their inputs.
+struct Problem {
+  Shape s;
+  int mode;   // ResidualMode
+  bool cl;    // channels_last
+  int64_t B;  // BatchNorm branches: 2 with residual_bn
+  at::TensorOptions acc;
+};
+
+// Checks the inputs, in this order: x a dense CPU activation, grad_out (when given) like x,
+// residual_bn's residual, weight and bias given, the residual like x.
+Problem checked_problem(const BnActInputs& in, const at::Tensor* grad_out) {
+  const at::Tensor& x = in.x;
+  const Shape s = checked_shape(x);
+  if (grad_out != nullptr) check_activation("grad_out", *grad_out, x);
+  TORCH_CHECK(!in.residual_bn || (in.residual.has_value() && in.residual_weight.has_value() &&
+                                  in.residual_bias.has_value()),
+              "resnet_fast cpu backend: residual_bn needs residual, its weight and bias");
+  if (in.residual.has_value()) check_activation("residual", *in.residual, x);
+  return {s, residual_mode(in.residual, in.residual_bn), is_channels_last(x),
+          in.residual_bn ? 2 : 1, acc_options(x)};
 }
 
 // Fills the affine rows (mean, scale, bias, r_mean, r_scale; see Affine) from save_stats
@@ -514,136 +539,114 @@ void batch_statistics(const Shape& s, bool cl, const scalar_t* xp, const scalar_
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& residual_weight,
-    const std::optional<at::Tensor>& residual_bias,
-    const std::optional<at::Tensor>& residual_running_mean,
-    const std::optional<at::Tensor>& residual_running_var, bool residual_bn, bool training,
-    double momentum, double eps, bool relu) {
-  const Shape s = shape_of(x);
-  TORCH_CHECK(x.device().is_cpu(), "resnet_fast cpu backend: input must be on the CPU");
-  TORCH_CHECK(!residual_bn || (residual.has_value() && residual_weight.has_value() &&
-                               residual_bias.has_value()),
-              "resnet_fast cpu backend: residual_bn needs residual, its weight and bias");
-  if (residual.has_value()) check_activation("residual", *residual, x);
-  const int mode = residual_mode(residual, residual_bn);
-  const bool cl = is_channels_last(x);
-  const int64_t B = residual_bn ? 2 : 1;
-  const int64_t C = s.C;
-  const auto acc_opts = acc_options(x);
-  const std::array<const std::optional<at::Tensor>*, 2> rm = {&running_mean, &residual_running_mean};
-  const std::array<const std::optional<at::Tensor>*, 2> rv = {&running_var, &residual_running_var};
-  for (int64_t br = 0; br < B; ++br) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(const BnActForwardArgs& a) {
+  const BnActInputs& in = a.in;
+  const at::Tensor& x = in.x;
+  const Problem p = checked_problem(in, nullptr);
+  const int64_t C = p.s.C;
+  const std::array<const std::optional<at::Tensor>*, 2> rm = {&a.running_mean,
+                                                              &a.residual_running_mean};
+  const std::array<const std::optional<at::Tensor>*, 2> rv = {&a.running_var,
+                                                              &a.residual_running_var};
+  for (int64_t br = 0; br < p.B; ++br) {
     TORCH_CHECK(rm[br]->has_value() == rv[br]->has_value() &&
-                    rm[br]->has_value() == running_mean.has_value(),
+                    rm[br]->has_value() == a.running_mean.has_value(),
                 "resnet_fast cpu backend: running statistics must be given for every branch or none");
   }
-  TORCH_CHECK(training || running_mean.has_value(),
+  TORCH_CHECK(in.training || a.running_mean.has_value(),
               "resnet_fast cpu backend: eval needs running statistics");
-  const bool tracks = training && running_mean.has_value();
+  const bool tracks = in.training && a.running_mean.has_value();
 
-  at::Tensor save_stats = at::empty({B, 2, C}, acc_opts);
-  at::Tensor new_running = tracks ? at::empty({B, 2, C}, acc_opts) : at::empty({0}, acc_opts);
+  at::Tensor save_stats = at::empty({p.B, 2, C}, p.acc);
+  at::Tensor new_running = tracks ? at::empty({p.B, 2, C}, p.acc) : at::empty({0}, p.acc);
   at::Tensor out = at::empty_like(x);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* rp = residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* rp = in.residual.has_value() ? in.residual->data_ptr<scalar_t>() : nullptr;
     acc_t* stats = save_stats.data_ptr<acc_t>();
-    if (training) {
-      batch_statistics<scalar_t, acc_t>(s, cl, xp, residual_bn ? rp : nullptr, rm, rv, tracks,
-                                        momentum, eps, stats,
+    if (in.training) {
+      batch_statistics<scalar_t, acc_t>(p.s, p.cl, xp, in.residual_bn ? rp : nullptr, rm, rv,
+                                        tracks, a.momentum, a.eps, stats,
                                         tracks ? new_running.data_ptr<acc_t>() : nullptr);
     } else {
-      for (int64_t br = 0; br < B; ++br) {
+      for (int64_t br = 0; br < p.B; ++br) {
         const acc_t* mp = rm[br]->value().data_ptr<acc_t>();
         const acc_t* vp = rv[br]->value().data_ptr<acc_t>();
         for (int64_t c = 0; c < C; ++c) {
           stats[(br * 2) * C + c] = mp[c];
-          stats[(br * 2 + 1) * C + c] = bn_invstd<acc_t>(vp[c], static_cast<acc_t>(eps));
+          stats[(br * 2 + 1) * C + c] = bn_invstd<acc_t>(vp[c], static_cast<acc_t>(a.eps));
         }
       }
     }
     std::vector<acc_t> affine(static_cast<size_t>(5 * C));  // see fill_affine
     acc_t* aff = affine.data();
-    fill_affine<acc_t>(stats, B, C, {&weight, residual_bn ? &*residual_weight : nullptr},
-                       {&bias, residual_bn ? &*residual_bias : nullptr}, aff);
+    fill_affine<acc_t>(stats, p.B, C, {&in.weight, in.residual_bn ? &*in.residual_weight : nullptr},
+                       {&in.bias, in.residual_bn ? &*in.residual_bias : nullptr}, aff);
     scalar_t* op = out.data_ptr<scalar_t>();
-    dispatch_mode_layout(mode, cl, [&](auto mode_c, auto cl_c) {
+    dispatch_mode_layout(p.mode, p.cl, [&](auto mode_c, auto cl_c) {
       constexpr int kMode = decltype(mode_c)::value;
       constexpr bool kCL = decltype(cl_c)::value;
       const ForwardApply<kMode, kCL, acc_t, scalar_t> f{
-          xp, rp, op, as_layout<kCL>(affine_view(aff, C)), relu};
-      for_each_element<kCL, acc_t>(s, f);
+          xp, rp, op, as_layout<kCL>(affine_view(aff, C)), in.relu};
+      for_each_element<kCL, acc_t>(p.s, f);
     });
   });
   return {out, save_stats, new_running};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-                    const at::Tensor& bias, const std::optional<at::Tensor>& residual,
-                    const std::optional<at::Tensor>& residual_weight,
-                    const std::optional<at::Tensor>& residual_bias, const at::Tensor& save_stats,
-                    bool residual_bn, bool training, bool relu) {
-  const Shape s = shape_of(x);
-  TORCH_CHECK(x.device().is_cpu(), "resnet_fast cpu backend: input must be on the CPU");
-  check_activation("grad_out", grad_out, x);
-  TORCH_CHECK(!residual_bn || (residual.has_value() && residual_weight.has_value() &&
-                               residual_bias.has_value()),
-              "resnet_fast cpu backend: residual_bn needs residual, its weight and bias");
-  if (residual.has_value()) check_activation("residual", *residual, x);
-  const int mode = residual_mode(residual, residual_bn);
-  const bool cl = is_channels_last(x);
-  const int64_t B = residual_bn ? 2 : 1;
-  const int64_t C = s.C;
-  const auto acc_opts = acc_options(x);
-  TORCH_CHECK(save_stats.sizes() == at::IntArrayRef({B, 2, C}) && save_stats.is_contiguous() &&
-                  save_stats.scalar_type() == acc_opts.dtype().toScalarType(),
-              "resnet_fast cpu backend: save_stats must be a contiguous (", B, ", 2, ", C,
+bn_act_backward_cpu(const BnActBackwardArgs& a) {
+  const BnActInputs& in = a.in;
+  const at::Tensor& x = in.x;
+  const Problem p = checked_problem(in, &a.grad_out);
+  const int64_t C = p.s.C;
+  const at::Tensor& save_stats = a.save_stats;
+  TORCH_CHECK(save_stats.sizes() == at::IntArrayRef({p.B, 2, C}) && save_stats.is_contiguous() &&
+                  save_stats.scalar_type() == p.acc.dtype().toScalarType(),
+              "resnet_fast cpu backend: save_stats must be a contiguous (", p.B, ", 2, ", C,
               ") tensor of the accumulation dtype");
 
   at::Tensor grad_input = at::empty_like(x);
-  at::Tensor grad_residual =
-      residual.has_value() ? at::empty_like(x) : at::empty({0}, acc_opts);
-  at::Tensor grad_weight = at::empty({C}, acc_opts);
-  at::Tensor grad_bias = at::empty({C}, acc_opts);
-  at::Tensor grad_residual_weight = at::empty({residual_bn ? C : 0}, acc_opts);
-  at::Tensor grad_residual_bias = at::empty({residual_bn ? C : 0}, acc_opts);
+  at::Tensor grad_residual = in.residual.has_value() ? at::empty_like(x) : at::empty({0}, p.acc);
+  at::Tensor grad_weight = at::empty({C}, p.acc);
+  at::Tensor grad_bias = at::empty({C}, p.acc);
+  at::Tensor grad_residual_weight = at::empty({in.residual_bn ? C : 0}, p.acc);
+  at::Tensor grad_residual_bias = at::empty({in.residual_bn ? C : 0}, p.acc);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* dyp = grad_out.data_ptr<scalar_t>();
+    const scalar_t* dyp = a.grad_out.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* rp = residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* rp = in.residual.has_value() ? in.residual->data_ptr<scalar_t>() : nullptr;
     const acc_t* stats = save_stats.data_ptr<acc_t>();
-    const std::array<const at::Tensor*, 2> w = {&weight, residual_bn ? &*residual_weight : nullptr};
+    const std::array<const at::Tensor*, 2> w = {&in.weight,
+                                                in.residual_bn ? &*in.residual_weight : nullptr};
     std::vector<acc_t> affine(static_cast<size_t>(5 * C));  // see fill_affine
     acc_t* aff = affine.data();
-    fill_affine<acc_t>(stats, B, C, w, {&bias, residual_bn ? &*residual_bias : nullptr}, aff);
+    fill_affine<acc_t>(stats, p.B, C, w, {&in.bias, in.residual_bn ? &*in.residual_bias : nullptr},
+                       aff);
 
     // sum(g), sum(g * (x - mean)) [, sum(g * (r - r_mean))]
     std::vector<double> sums(static_cast<size_t>(3 * C));
-    dispatch_mode_layout(mode, cl, [&](auto mode_c, auto cl_c) {
+    dispatch_mode_layout(p.mode, p.cl, [&](auto mode_c, auto cl_c) {
       constexpr int kMode = decltype(mode_c)::value;
       constexpr bool kCL = decltype(cl_c)::value;
       const BackwardSums<kMode, kCL, acc_t, scalar_t> f{
-          dyp, xp, rp, as_layout<kCL>(affine_view(aff, C)), {stats}, {stats + 2 * C}, relu};
-      reduce_per_channel<kMode == kBatchNormResidual ? 3 : 2, kCL, acc_t>(s, f, sums.data());
+          dyp, xp, rp, as_layout<kCL>(affine_view(aff, C)), {stats}, {stats + 2 * C}, in.relu};
+      reduce_per_channel<kMode == kBatchNormResidual ? 3 : 2, kCL, acc_t>(p.s, f, sums.data());
     });
 
-    const acc_t m = static_cast<acc_t>(s.m());
+    const acc_t m = static_cast<acc_t>(p.s.m());
     // mean_g, mean_gxhat, then the residual's
     std::vector<acc_t> coeffs(static_cast<size_t>(4 * C));
     acc_t* k = coeffs.data();
     std::array<acc_t*, 2> gw = {grad_weight.data_ptr<acc_t>(),
-                                residual_bn ? grad_residual_weight.data_ptr<acc_t>() : nullptr};
+                                in.residual_bn ? grad_residual_weight.data_ptr<acc_t>() : nullptr};
     std::array<acc_t*, 2> gb = {grad_bias.data_ptr<acc_t>(),
-                                residual_bn ? grad_residual_bias.data_ptr<acc_t>() : nullptr};
-    for (int64_t br = 0; br < B; ++br) {
+                                in.residual_bn ? grad_residual_bias.data_ptr<acc_t>() : nullptr};
+    for (int64_t br = 0; br < p.B; ++br) {
       const double* sum_gc = sums.data() + (1 + br) * C;
       for (int64_t c = 0; c < C; ++c) {
         const acc_t sum_g = static_cast<acc_t>(sums[c]);
@@ -651,20 +654,20 @@ bn_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::T
         const acc_t invstd = stats[(br * 2 + 1) * C + c];
         gb[br][c] = sum_g;
         gw[br][c] = bn_weight_grad(gc, invstd);
-        bn_backward_coeffs<acc_t>(m, sum_g, gc, invstd, training, k + (2 * br) * C + c,
+        bn_backward_coeffs<acc_t>(m, sum_g, gc, invstd, in.training, k + (2 * br) * C + c,
                                   k + (2 * br + 1) * C + c);
       }
     }
 
     scalar_t* dxp = grad_input.data_ptr<scalar_t>();
-    scalar_t* drp = residual.has_value() ? grad_residual.data_ptr<scalar_t>() : nullptr;
-    dispatch_mode_layout(mode, cl, [&](auto mode_c, auto cl_c) {
+    scalar_t* drp = in.residual.has_value() ? grad_residual.data_ptr<scalar_t>() : nullptr;
+    dispatch_mode_layout(p.mode, p.cl, [&](auto mode_c, auto cl_c) {
       constexpr int kMode = decltype(mode_c)::value;
       constexpr bool kCL = decltype(cl_c)::value;
       const BackwardApply<kMode, kCL, acc_t, scalar_t> f{
           dyp, xp, rp, dxp, drp, as_layout<kCL>(affine_view(aff, C)), {stats + C},
-          {stats + 3 * C}, {k}, {k + C}, {k + 2 * C}, {k + 3 * C}, relu, training};
-      for_each_element<kCL, acc_t>(s, f);
+          {stats + 3 * C}, {k}, {k + C}, {k + 2 * C}, {k + 3 * C}, in.relu, in.training};
+      for_each_element<kCL, acc_t>(p.s, f);
     });
   });
   return {grad_input, grad_weight, grad_bias, grad_residual, grad_residual_weight,
@@ -675,8 +678,7 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x,
                                                 const std::optional<at::Tensor>& running_mean,
                                                 const std::optional<at::Tensor>& running_var,
                                                 double momentum, double eps) {
-  const Shape s = shape_of(x);
-  TORCH_CHECK(x.device().is_cpu(), "resnet_fast cpu backend: input must be on the CPU");
+  const Shape s = checked_shape(x);
   TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
               "resnet_fast cpu backend: running_mean and running_var must both be given or none");
   const auto acc_opts = acc_options(x);
@@ -695,8 +697,7 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x,
 
 at::Tensor bn_apply_cpu(const at::Tensor& x, const at::Tensor& stats, const at::Tensor& weight,
                         const at::Tensor& bias, bool relu) {
-  const Shape s = shape_of(x);
-  TORCH_CHECK(x.device().is_cpu(), "resnet_fast cpu backend: input must be on the CPU");
+  const Shape s = checked_shape(x);
   const auto acc_opts = acc_options(x);
   TORCH_CHECK(stats.sizes() == at::IntArrayRef({2, s.C}) && stats.is_contiguous() &&
                   stats.scalar_type() == acc_opts.dtype().toScalarType(),

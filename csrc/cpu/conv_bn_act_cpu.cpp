@@ -23,35 +23,36 @@ at::Tensor conv_input(const at::Tensor& x, const std::optional<at::Tensor>& in_w
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_act_forward_cpu(
-    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& conv_bias,
-    const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
-    const std::vector<int64_t>& dilation, int64_t groups,
-    const std::optional<at::Tensor>& in_weight, const std::optional<at::Tensor>& in_bias,
-    const std::optional<at::Tensor>& in_stats, bool in_relu,
-    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
-    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-    const std::optional<at::Tensor>& residual, bool batch_stats, double momentum, double eps,
-    bool relu, bool defer) {
+    const StackArgs& a) {
+  const bool batch_stats = a.flag("batch_stats"), defer = a.flag("defer");
   TORCH_CHECK(!defer || batch_stats,
               "resnet_fast cpu backend: defer needs batch statistics (training, or no running "
               "statistics)");
+  const at::Tensor input = a.tensor("input"), weight = a.tensor("weight");
   const at::MemoryFormat fmt = memory_format_of(input);
   const at::Tensor x = input.contiguous(fmt);
   const auto acc = acc_options(x);
   const int64_t Cout = weight.size(0);
-  const at::Tensor a = conv_input(x, in_weight, in_bias, in_stats, in_relu);
-  const at::Tensor raw = at::convolution(a, weight, conv_bias, stride, padding, dilation,
-                                         /*transposed=*/false, {0, 0}, groups)
-                             .contiguous(fmt);
-  const auto rm = per_channel(running_mean, acc), rv = per_channel(running_var, acc);
+  const at::Tensor conv_in = conv_input(x, a.optional("in_weight"), a.optional("in_bias"),
+                                        a.optional("in_stats"), a.flag("in_relu"));
+  const at::Tensor raw =
+      at::convolution(conv_in, weight, a.optional("conv_bias"), a.ints("stride"),
+                      a.ints("padding"), a.ints("dilation"), /*transposed=*/false, {0, 0},
+                      a.integer("groups"))
+          .contiguous(fmt);
+  const auto rm = per_channel(a.optional("running_mean"), acc);
+  const auto rv = per_channel(a.optional("running_var"), acc);
+  const double momentum = a.real("momentum"), eps = a.real("eps");
   if (defer) {
     auto [save_stats, new_running] = bn_stats_cpu(raw, rm, rv, momentum, eps);
     return {raw, empty_acc(x), save_stats, new_running};
   }
-  auto [out, save_stats, new_running] = bn_act_forward_cpu(
-      raw, affine_param(bn_weight, Cout, 1.0, acc), affine_param(bn_bias, Cout, 0.0, acc), rm,
-      rv, dense(residual, fmt), std::nullopt, std::nullopt, std::nullopt, std::nullopt,
-      /*residual_bn=*/false, batch_stats, momentum, eps, relu);
+  const BnActInputs in{raw, affine_param(a.optional("bn_weight"), Cout, 1.0, acc),
+                       affine_param(a.optional("bn_bias"), Cout, 0.0, acc),
+                       dense(a.optional("residual"), fmt), std::nullopt, std::nullopt,
+                       /*residual_bn=*/false, /*training=*/batch_stats, a.flag("relu")};
+  auto [out, save_stats, new_running] =
+      bn_act_forward_cpu({in, rm, rv, std::nullopt, std::nullopt, momentum, eps});
   return {out, raw, save_stats[0], new_running.numel() ? new_running[0] : empty_acc(x)};
 }
 

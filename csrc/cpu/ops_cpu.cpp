@@ -89,6 +89,12 @@ struct BnActOperands {
         residual_weight(residual_param(a, "residual_weight", 1.0)),
         residual_bias(residual_param(a, "residual_bias", 0.0)) {}
 
+  // The kernels' inputs: these with the call's training and relu flags.
+  BnActInputs inputs(const StackArgs& a) const {
+    return {input, weight, bias, residual, residual_weight, residual_bias, residual_bn,
+            a.flag("training"), a.flag("relu")};
+  }
+
   const at::MemoryFormat fmt;
   const at::Tensor input;
   const at::TensorOptions acc;
@@ -107,15 +113,13 @@ void bn_act_kernel(const c10::OperatorHandle& op, Stack* stack) {
   StackArgs a(op, stack);
   if (a.text("backend") != "cpu") return run_python_kernel(op, stack);
   const BnActOperands o(a);
-  const bool training = a.flag("training");
   const OptTensor rm = a.optional("running_mean"), rv = a.optional("running_var");
   const OptTensor rrm = a.optional("residual_running_mean");
   const OptTensor rrv = a.optional("residual_running_var");
   auto [out, save_stats, new_running] = bn_act_forward_cpu(
-      o.input, o.weight, o.bias, per_channel(rm, o.acc), per_channel(rv, o.acc), o.residual,
-      o.residual_weight, o.residual_bias, per_channel(rrm, o.acc), per_channel(rrv, o.acc),
-      o.residual_bn, training, a.real("momentum"), a.real("eps"), a.flag("relu"));
-  if (training && rm.has_value()) {
+      {o.inputs(a), per_channel(rm, o.acc), per_channel(rv, o.acc), per_channel(rrm, o.acc),
+       per_channel(rrv, o.acc), a.real("momentum"), a.real("eps")});
+  if (a.flag("training") && rm.has_value()) {
     update_running(new_running, {rm, rv, rrm, rrv},
                    {a.optional("num_batches_tracked"), a.optional("residual_num_batches_tracked")});
   }
@@ -127,9 +131,7 @@ void bn_act_backward_kernel(const c10::OperatorHandle& op, Stack* stack) {
   if (a.text("backend") != "cpu") return run_python_kernel(op, stack);
   const BnActOperands o(a);
   auto [gx, gw, gb, gr, grw, grb] = bn_act_backward_cpu(
-      a.tensor("grad_out").contiguous(o.fmt), o.input, o.weight, o.bias, o.residual,
-      o.residual_weight, o.residual_bias, a.tensor("save_stats").contiguous(), o.residual_bn,
-      a.flag("training"), a.flag("relu"));
+      {o.inputs(a), a.tensor("grad_out").contiguous(o.fmt), a.tensor("save_stats").contiguous()});
   a.finish({gx, gw, gb, gr, grw, grb});
 }
 
@@ -140,16 +142,10 @@ void conv_bn_act_kernel(const c10::OperatorHandle& op, Stack* stack) {
   if (a.text("backend") != "cpu" || !runs_composite(input.scalar_type(), batch_stats, a.flag("save_raw"))) {
     return run_python_kernel(op, stack);
   }
-  const bool defer = a.flag("defer");
-  TORCH_CHECK_VALUE(!defer || batch_stats,
+  TORCH_CHECK_VALUE(!a.flag("defer") || batch_stats,
                     "defer=True needs batch statistics (training, or no running statistics)");
   const OptTensor rm = a.optional("running_mean"), rv = a.optional("running_var");
-  auto [out, raw, save_stats, new_running] = conv_bn_act_forward_cpu(
-      input, a.tensor("weight"), a.optional("conv_bias"), a.ints("stride"), a.ints("padding"),
-      a.ints("dilation"), a.integer("groups"), a.optional("in_weight"), a.optional("in_bias"),
-      a.optional("in_stats"), a.flag("in_relu"), a.optional("bn_weight"), a.optional("bn_bias"),
-      rm, rv, a.optional("residual"), batch_stats, a.real("momentum"), a.real("eps"),
-      a.flag("relu"), defer);
+  auto [out, raw, save_stats, new_running] = conv_bn_act_forward_cpu(a);
   if (batch_stats && rm.has_value()) {
     update_running(new_running, {rm, rv}, {a.optional("num_batches_tracked")});
   }
