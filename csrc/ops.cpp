@@ -45,7 +45,31 @@ void bump_versions(std::initializer_list<const OptTensor*> tensors) {
   }
 }
 
-struct BnActFunction : public torch::autograd::Function<BnActFunction> {
+using SavedData = decltype(AutogradContext::saved_data);
+
+// An autograd Function whose backward calls the op Derived::kBackward (of signature BackwardSig):
+// the gradients of Derived's kInputs forward inputs, none when its output did not reach the
+// loss, else those Derived::input_grads sets from the op, the output's gradient and what forward
+// saved.
+template <typename Derived, typename BackwardSig>
+struct FusedFunction : public torch::autograd::Function<Derived> {
+  using BackwardOp = c10::TypedOperatorHandle<BackwardSig>;
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    static const auto op = op_handle<BackwardSig>(Derived::kBackward);
+    variable_list grads(Derived::kInputs);
+    if (grad_outputs[0].defined()) {
+      Derived::input_grads(op, grad_outputs[0], ctx->get_saved_variables(), ctx->saved_data,
+                           grads);
+    }
+    return grads;
+  }
+};
+
+struct BnActFunction : public FusedFunction<BnActFunction, BnActBackwardSig> {
+  static constexpr const char* kBackward = "resnet_fast::bn_act_backward";
+  static constexpr size_t kInputs = 18;
+
   static variable_list forward(
       AutogradContext* ctx, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
       const OptTensor& running_mean, const OptTensor& running_var,
@@ -76,16 +100,12 @@ struct BnActFunction : public torch::autograd::Function<BnActFunction> {
     return {out, save_stats};
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    static const auto op = op_handle<BnActBackwardSig>("resnet_fast::bn_act_backward");
-    variable_list grads(18);
-    if (!grad_outputs[0].defined()) return grads;  // the output did not reach the loss
-    const variable_list saved = ctx->get_saved_variables();
+  static void input_grads(const BackwardOp& op, const Tensor& grad_out, const variable_list& saved,
+                          SavedData& data, variable_list& grads) {
     const Tensor &input = saved[0], &weight = saved[1], &bias = saved[2];
     const Tensor &residual = saved[3], &residual_weight = saved[4], &residual_bias = saved[5];
-    auto& data = ctx->saved_data;
     auto [gx, gw, gb, gr, grw, grb] =
-        op.call(grad_outputs[0], input, given(weight), given(bias), given(residual),
+        op.call(grad_out, input, given(weight), given(bias), given(residual),
                 given(residual_weight), given(residual_bias), saved[6],
                 data["residual_bn"].toBool(), data["training"].toBool(), data["relu"].toBool(),
                 data["backend"].toStringRef());
@@ -95,7 +115,6 @@ struct BnActFunction : public torch::autograd::Function<BnActFunction> {
     grads[6] = residual.defined() ? gr.to(residual.scalar_type()) : Tensor();
     grads[7] = grad_for(residual_weight, grw);
     grads[8] = grad_for(residual_bias, grb);
-    return grads;
   }
 };
 
@@ -119,7 +138,10 @@ std::tuple<Tensor, Tensor> bn_act_autograd(
   return {outputs[0], outputs[1]};
 }
 
-struct ConvBnActFunction : public torch::autograd::Function<ConvBnActFunction> {
+struct ConvBnActFunction : public FusedFunction<ConvBnActFunction, ConvBnActBackwardSig> {
+  static constexpr const char* kBackward = "resnet_fast::conv_bn_act_backward";
+  static constexpr size_t kInputs = 25;
+
   static variable_list forward(
       AutogradContext* ctx, const Tensor& input, const Tensor& weight,
       const OptTensor& conv_bias, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -162,21 +184,17 @@ struct ConvBnActFunction : public torch::autograd::Function<ConvBnActFunction> {
     return {out, raw, save_stats};
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    static const auto op = op_handle<ConvBnActBackwardSig>("resnet_fast::conv_bn_act_backward");
-    variable_list grads(25);
-    if (!grad_outputs[0].defined()) return grads;  // the output did not reach the loss
-    const variable_list saved = ctx->get_saved_variables();
+  static void input_grads(const BackwardOp& op, const Tensor& grad_out, const variable_list& saved,
+                          SavedData& data, variable_list& grads) {
     const Tensor &input = saved[0], &weight = saved[1], &conv_bias = saved[2];
     const Tensor &in_weight = saved[3], &in_bias = saved[4], &in_stats = saved[5];
     const Tensor &bn_weight = saved[6], &bn_bias = saved[7], &residual = saved[8];
-    auto& data = ctx->saved_data;
     const bool defer = data["defer"].toBool();
     const std::vector<int64_t> stride = data["stride"].toIntVector();
     const std::vector<int64_t> padding = data["padding"].toIntVector();
     const std::vector<int64_t> dilation = data["dilation"].toIntVector();
     auto [gi, gw, gcb, giw, gib, gbw, gbb, gr] =
-        op.call(grad_outputs[0], input, weight, given(conv_bias), stride, padding, dilation,
+        op.call(grad_out, input, weight, given(conv_bias), stride, padding, dilation,
                 data["groups"].toInt(), given(in_weight), given(in_bias), given(in_stats),
                 data["in_relu"].toBool(), given(bn_weight), given(bn_bias), given(residual),
                 saved[9], saved[10], data["batch_stats"].toBool(), data["relu"].toBool(), defer,
@@ -190,7 +208,6 @@ struct ConvBnActFunction : public torch::autograd::Function<ConvBnActFunction> {
     grads[11] = defer ? Tensor() : grad_for(bn_weight, gbw);
     grads[12] = defer ? Tensor() : grad_for(bn_bias, gbb);
     grads[16] = grad_for(residual, gr);
-    return grads;
   }
 };
 
