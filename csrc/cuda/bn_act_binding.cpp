@@ -97,8 +97,28 @@ int multiprocessor_count(const at::Tensor& x) {
   return count;
 }
 
-at::Tensor scratch_buffer(const at::Tensor& x, size_t bytes) {
-  return at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
+// The residual like x; with residual_bn, it and its BatchNorm's weight and bias given.
+void check_residual(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                    const std::optional<at::Tensor>& residual_weight,
+                    const std::optional<at::Tensor>& residual_bias, bool residual_bn) {
+  if (residual.has_value()) check_like_input("residual", *residual, x);
+  if (!residual_bn) return;
+  RF_CHECK(residual.has_value() && residual_weight.has_value() && residual_bias.has_value(),
+           "residual_bn needs residual, residual_weight and residual_bias");
+  check_per_channel("residual_weight", *residual_weight, x);
+  check_per_channel("residual_bias", *residual_bias, x);
+}
+
+// Launches p for x's device on the current stream, with a scratch buffer of the size the launch
+// asks for.
+template <typename Params>
+void launch_with_scratch(Params& p, const at::Tensor& x, size_t (*scratch_bytes)(const Params&),
+                         cudaError_t (*launch)(const Params&, void*, size_t, cudaStream_t)) {
+  p.sm_count = multiprocessor_count(x);
+  const size_t bytes = scratch_bytes(p);
+  const at::Tensor scratch =
+      at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
+  C10_CUDA_CHECK(launch(p, scratch.data_ptr(), bytes, c10::cuda::getCurrentCUDAStream()));
 }
 
 }  // namespace
@@ -121,12 +141,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cuda(
   RF_CHECK(running_mean.has_value() == running_var.has_value(),
            "running_mean and running_var must be given together");
   RF_CHECK(training || running_mean.has_value(), "eval needs running statistics");
-  if (residual.has_value()) check_like_input("residual", *residual, x);
+  check_residual(x, residual, residual_weight, residual_bias, residual_bn);
   if (residual_bn) {
-    RF_CHECK(residual.has_value() && residual_weight.has_value() && residual_bias.has_value(),
-             "residual_bn needs residual, residual_weight and residual_bias");
-    check_per_channel("residual_weight", *residual_weight, x);
-    check_per_channel("residual_bias", *residual_bias, x);
     check_optional_per_channel("residual_running_mean", residual_running_mean, x);
     check_optional_per_channel("residual_running_var", residual_running_var, x);
     RF_CHECK(residual_running_mean.has_value() == running_mean.has_value() &&
@@ -164,11 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cuda(
   p.relu = relu;
   p.momentum = momentum;
   p.eps = eps;
-  p.sm_count = multiprocessor_count(x);
-  const size_t scratch_bytes = bn_act_forward_scratch_bytes(p);
-  at::Tensor scratch = scratch_buffer(x, scratch_bytes);
-  C10_CUDA_CHECK(bn_act_forward_launch(p, scratch.data_ptr(), scratch_bytes,
-                                   c10::cuda::getCurrentCUDAStream()));
+  launch_with_scratch(p, x, bn_act_forward_scratch_bytes, bn_act_forward_launch);
   return {out, save_stats, new_running};
 }
 
@@ -185,13 +197,7 @@ bn_act_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::
   check_like_input("grad_out", grad_out, x);
   check_per_channel("weight", weight, x);
   check_per_channel("bias", bias, x);
-  if (residual.has_value()) check_like_input("residual", *residual, x);
-  if (residual_bn) {
-    RF_CHECK(residual.has_value() && residual_weight.has_value() && residual_bias.has_value(),
-             "residual_bn needs residual, residual_weight and residual_bias");
-    check_per_channel("residual_weight", *residual_weight, x);
-    check_per_channel("residual_bias", *residual_bias, x);
-  }
+  check_residual(x, residual, residual_weight, residual_bias, residual_bn);
   const int64_t branches = residual_bn ? 2 : 1;
   RF_CHECK(save_stats.device() == x.device() && save_stats.scalar_type() == acc_dtype(x) &&
                save_stats.is_contiguous() &&
@@ -229,11 +235,7 @@ bn_act_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::
   p.residual_bn = residual_bn;
   p.training = training;
   p.relu = relu;
-  p.sm_count = multiprocessor_count(x);
-  const size_t scratch_bytes = bn_act_backward_scratch_bytes(p);
-  at::Tensor scratch = scratch_buffer(x, scratch_bytes);
-  C10_CUDA_CHECK(bn_act_backward_launch(p, scratch.data_ptr(), scratch_bytes,
-                                   c10::cuda::getCurrentCUDAStream()));
+  launch_with_scratch(p, x, bn_act_backward_scratch_bytes, bn_act_backward_launch);
   return {grad_input, grad_weight, grad_bias, grad_residual, grad_residual_weight,
           grad_residual_bias};
 }
