@@ -168,7 +168,7 @@ def _check_resnet(module: nn.Module) -> Optional[str]:
     kids = _children(module)
     if set(kids) != set(_RESNET):
         return f"children {sorted(kids)} are not a ResNet's {sorted(_RESNET)}"
-    reason = _known_forward(type(module), ("forward", "_forward_impl"),
+    reason = _known_forward(type(module), ("forward", "_forward_impl", "_stem"),
                             (reference_models.ResNet, models.ResNet), duck_typed=False)
     if reason is not None:
         return reason

@@ -4,7 +4,8 @@ Same builders and arguments as ``torchvision.models`` (``resnet18`` ... ``wide_r
 ``ResNet(block, layers, num_classes, zero_init_residual, groups, width_per_group,
 replace_stride_with_dilation, norm_layer)``), same modules under the same names, hence the same
 state_dict keys, shapes, parameter counts and initialisation: the classes subclass the eager
-models of :mod:`resnet_fast.reference_models` and replace only ``forward``.
+models of :mod:`resnet_fast.reference_models` and replace only the blocks' ``forward`` and the
+ResNet's stem.
 
 What each forward fuses (one :func:`resnet_fast.functional.conv_bn_relu` call per conv):
 
@@ -45,7 +46,7 @@ from torch import Tensor, nn
 from resnet_fast import reference_models
 from resnet_fast.nn import FusedModule, block_end, check_input, conv_bn_act, \
     is_fusable_batch_norm, is_fusable_conv, validate_backend
-from resnet_fast.reference_models import make_builder
+from resnet_fast.reference_models import make_builders
 from resnet_fast.sync_batchnorm import adopt_sync_batch_norms
 
 __all__ = [
@@ -118,37 +119,13 @@ class ResNet(FusedModule, reference_models.ResNet):
         self.set_backend(backend)
         self.set_memory_efficient(memory_efficient)
 
-    def _forward_impl(self, x: Tensor) -> Tensor:
+    def _stem(self, x: Tensor) -> Tensor:
+        """``relu(bn1(conv1(x)))`` as one fused call, on a checked input."""
         check_input(x, self.conv1.in_channels, type(self).__name__)
-        x = conv_bn_act(x, self.conv1, self.bn1, self.relu, recompute=self.memory_efficient,
-                        backend=self.backend)
-        x = self.maxpool(x)
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        x = self.layer4(x)
-        x = self.avgpool(x)
-        x = x.flatten(1)
-        return self.fc(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._forward_impl(x)
+        return conv_bn_act(x, self.conv1, self.bn1, self.relu, recompute=self.memory_efficient,
+                           backend=self.backend)
 
 
-_BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
-_ARGUMENTS = ("``weights``: ``None``, a state_dict or the path of one (``num_classes`` follows "
-              "its ``fc``); ``progress`` is accepted for torchvision's signature. Other keyword "
-              "arguments go to :class:`ResNet` (``num_classes``, ``zero_init_residual``, "
-              "``norm_layer``, ..., ``small_input``, ``backend``, ``memory_efficient``); the "
-              "architecture's own ``groups`` and ``width_per_group`` are fixed.")
-
-resnet18 = make_builder("resnet18", ResNet, _BLOCKS, _ARGUMENTS)
-resnet34 = make_builder("resnet34", ResNet, _BLOCKS, _ARGUMENTS)
-resnet50 = make_builder("resnet50", ResNet, _BLOCKS, _ARGUMENTS)
-resnet101 = make_builder("resnet101", ResNet, _BLOCKS, _ARGUMENTS)
-resnet152 = make_builder("resnet152", ResNet, _BLOCKS, _ARGUMENTS)
-resnext50_32x4d = make_builder("resnext50_32x4d", ResNet, _BLOCKS, _ARGUMENTS)
-resnext101_32x8d = make_builder("resnext101_32x8d", ResNet, _BLOCKS, _ARGUMENTS)
-resnext101_64x4d = make_builder("resnext101_64x4d", ResNet, _BLOCKS, _ARGUMENTS)
-wide_resnet50_2 = make_builder("wide_resnet50_2", ResNet, _BLOCKS, _ARGUMENTS)
-wide_resnet101_2 = make_builder("wide_resnet101_2", ResNet, _BLOCKS, _ARGUMENTS)
+(resnet18, resnet34, resnet50, resnet101, resnet152, resnext50_32x4d, resnext101_32x8d,
+ resnext101_64x4d, wide_resnet50_2, wide_resnet101_2) = make_builders(
+    ResNet, {"basic": BasicBlock, "bottleneck": Bottleneck}, ("backend", "memory_efficient"))

@@ -4,9 +4,10 @@
 names as torchvision's ``models/resnet.py`` (so the same state_dict keys, shapes, parameter
 counts and initialisation) and run them as torchvision does, module by module, with no fused
 op. The fused models of :mod:`resnet_fast.models` subclass these classes and replace only
-``forward``, so the two load each other's state_dicts; both families' builders
-(``resnet18`` ... ``wide_resnet101_2``) are made by :func:`make_builder`. Nothing here uses
-resnet_fast's own ops, so the eager model stays an independent reference for the fused one.
+the blocks' ``forward`` and the ResNet's ``_stem``, so the two load each other's state_dicts;
+both families' builders (``resnet18`` ... ``wide_resnet101_2``) are made by
+:func:`make_builders`. Nothing here uses resnet_fast's own ops, so the eager model stays an
+independent reference for the fused one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "ResNet", "BasicBlock", "Bottleneck", "conv3x3", "conv1x1", "ARCHITECTURES", "load_weights",
-    "build_resnet", "make_builder",
+    "build_resnet", "make_builder", "make_builders",
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
     "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
 ]
@@ -38,11 +39,12 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 conv + BatchNorm layers and a shortcut: ``relu(bn2(conv2(relu(bn1(conv1(x)))))
-    + shortcut(x))``, the shortcut being ``downsample(x)`` or ``x``."""
+class _Block(nn.Module):
+    """What torchvision's two blocks share: the constructor's arguments, ``norm_layer``'s
+    default (``nn.BatchNorm2d``), and the shortcut (``downsample``) and ``stride`` kept after
+    the layers each block builds in ``_build_layers``."""
 
-    expansion: int = 1
+    expansion: int
 
     def __init__(
         self,
@@ -56,8 +58,21 @@ class BasicBlock(nn.Module):
         norm_layer: Optional[Callable[..., nn.Module]] = None,
     ) -> None:
         super().__init__()
-        if norm_layer is None:
-            norm_layer = nn.BatchNorm2d
+        self._build_layers(inplanes, planes, stride, groups, base_width, dilation,
+                           nn.BatchNorm2d if norm_layer is None else norm_layer)
+        self.downsample = downsample
+        self.stride = stride
+
+
+class BasicBlock(_Block):
+    """Two 3x3 conv + BatchNorm layers and a shortcut: ``relu(bn2(conv2(relu(bn1(conv1(x)))))
+    + shortcut(x))``, the shortcut being ``downsample(x)`` or ``x``."""
+
+    expansion: int = 1
+
+    def _build_layers(self, inplanes: int, planes: int, stride: int, groups: int,
+                      base_width: int, dilation: int,
+                      norm_layer: Callable[..., nn.Module]) -> None:
         if groups != 1 or base_width != 64:
             raise ValueError("BasicBlock only supports groups=1 and base_width=64")
         if dilation > 1:
@@ -68,8 +83,6 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = norm_layer(planes)
-        self.downsample = downsample
-        self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -78,7 +91,7 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
     """1x1 reduce, 3x3 (grouped, strided, dilated), 1x1 expand, each followed by BatchNorm, and
     a shortcut: ``relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))) + shortcut(x))``.
 
@@ -88,20 +101,9 @@ class Bottleneck(nn.Module):
 
     expansion: int = 4
 
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int = 1,
-        downsample: Optional[nn.Module] = None,
-        groups: int = 1,
-        base_width: int = 64,
-        dilation: int = 1,
-        norm_layer: Optional[Callable[..., nn.Module]] = None,
-    ) -> None:
-        super().__init__()
-        if norm_layer is None:
-            norm_layer = nn.BatchNorm2d
+    def _build_layers(self, inplanes: int, planes: int, stride: int, groups: int,
+                      base_width: int, dilation: int,
+                      norm_layer: Callable[..., nn.Module]) -> None:
         width = int(planes * (base_width / 64.0)) * groups
         self.conv1 = conv1x1(inplanes, width)
         self.bn1 = norm_layer(width)
@@ -110,8 +112,6 @@ class Bottleneck(nn.Module):
         self.conv3 = conv1x1(width, planes * self.expansion)
         self.bn3 = norm_layer(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -225,9 +225,12 @@ class ResNet(nn.Module):
                                 norm_layer=norm_layer))
         return nn.Sequential(*layers)
 
+    def _stem(self, x: Tensor) -> Tensor:
+        """``relu(bn1(conv1(x)))``, before the max-pool."""
+        return self.relu(self.bn1(self.conv1(x)))
+
     def _forward_impl(self, x: Tensor) -> Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.maxpool(x)
+        x = self.maxpool(self._stem(x))
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)
@@ -340,20 +343,20 @@ def make_builder(arch: str, resnet_class: type, blocks: Mapping[str, type],
     return builder
 
 
-_BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
-_ARGUMENTS = ("``weights``: ``None``, a state_dict or the path of one (``num_classes`` follows "
-              "its ``fc``); ``progress`` is accepted for torchvision's signature. Other keyword "
-              "arguments go to :class:`ResNet` (``num_classes``, ``zero_init_residual``, "
-              "``norm_layer``, ..., ``small_input``); the architecture's own ``groups`` and "
-              "``width_per_group`` are fixed.")
+def make_builders(resnet_class: type, blocks: Mapping[str, type],
+                  extra_keywords: Sequence[str] = ()) -> tuple[Callable[..., nn.Module], ...]:
+    """:func:`make_builder`'s builder of every architecture, in ``ARCHITECTURES``' order; the
+    docstrings name ``extra_keywords``, the keyword arguments ``resnet_class`` takes beyond
+    :class:`ResNet`'s."""
+    keywords = "".join(f", ``{k}``" for k in extra_keywords)
+    arguments = ("``weights``: ``None``, a state_dict or the path of one (``num_classes`` "
+                 "follows its ``fc``); ``progress`` is accepted for torchvision's signature. "
+                 "Other keyword arguments go to :class:`ResNet` (``num_classes``, "
+                 f"``zero_init_residual``, ``norm_layer``, ..., ``small_input``{keywords}); the "
+                 "architecture's own ``groups`` and ``width_per_group`` are fixed.")
+    return tuple(make_builder(arch, resnet_class, blocks, arguments) for arch in ARCHITECTURES)
 
-resnet18 = make_builder("resnet18", ResNet, _BLOCKS, _ARGUMENTS)
-resnet34 = make_builder("resnet34", ResNet, _BLOCKS, _ARGUMENTS)
-resnet50 = make_builder("resnet50", ResNet, _BLOCKS, _ARGUMENTS)
-resnet101 = make_builder("resnet101", ResNet, _BLOCKS, _ARGUMENTS)
-resnet152 = make_builder("resnet152", ResNet, _BLOCKS, _ARGUMENTS)
-resnext50_32x4d = make_builder("resnext50_32x4d", ResNet, _BLOCKS, _ARGUMENTS)
-resnext101_32x8d = make_builder("resnext101_32x8d", ResNet, _BLOCKS, _ARGUMENTS)
-resnext101_64x4d = make_builder("resnext101_64x4d", ResNet, _BLOCKS, _ARGUMENTS)
-wide_resnet50_2 = make_builder("wide_resnet50_2", ResNet, _BLOCKS, _ARGUMENTS)
-wide_resnet101_2 = make_builder("wide_resnet101_2", ResNet, _BLOCKS, _ARGUMENTS)
+
+(resnet18, resnet34, resnet50, resnet101, resnet152, resnext50_32x4d, resnext101_32x8d,
+ resnext101_64x4d, wide_resnet50_2, wide_resnet101_2) = make_builders(
+    ResNet, {"basic": BasicBlock, "bottleneck": Bottleneck})
