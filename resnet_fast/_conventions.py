@@ -1,5 +1,5 @@
 """What every layer of resnet_fast's fused ops agrees on: the layout an op computes in, its
-accumulation dtype, a conv's output shape and the residual modes of ``bn_act``.
+accumulation dtype, a conv's output shape and ``groups``, and the residual modes of ``bn_act``.
 
 A leaf: it imports nothing else of resnet_fast, so the Triton kernels (which need these and
 nothing else of the package) import without the compiled extension ``resnet_fast._C``.
@@ -12,8 +12,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["memory_format_of", "acc_dtype_of", "conv_output_shape", "NO_RESIDUAL",
-           "ADD_RESIDUAL", "BN_RESIDUAL", "residual_mode"]
+__all__ = ["memory_format_of", "acc_dtype_of", "conv_output_shape", "check_groups",
+           "NO_RESIDUAL", "ADD_RESIDUAL", "BN_RESIDUAL", "residual_mode"]
 
 
 def memory_format_of(x: Tensor) -> torch.memory_format:
@@ -42,6 +42,12 @@ def conv_output_shape(input_shape: Sequence[int], weight_shape: Sequence[int],
     Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     return N, Cout, Ho, Wo
+
+
+def check_groups(groups: object) -> None:
+    """Refuses a conv's ``groups`` that is not a positive int (a bool is not one)."""
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
 
 
 # The residual modes of bn_act's kernels (RESIDUAL_MODE in the Triton kernels, ResidualMode in

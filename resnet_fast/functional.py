@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from resnet_fast import dispatch, ops, reference
-from resnet_fast._conventions import acc_dtype_of, conv_output_shape
+from resnet_fast._conventions import acc_dtype_of, check_groups, conv_output_shape
 from resnet_fast.reference import _momentum_factor
 
 __all__ = [
@@ -401,8 +401,7 @@ def _check_conv_weight(weight: object, input: Tensor, groups: int) -> None:
         raise TypeError(f"conv_weight has dtype {weight.dtype} but input has dtype {input.dtype}")
     if weight.device != input.device:
         raise ValueError(f"conv_weight is on {weight.device} but input is on {input.device}")
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    check_groups(groups)
     Cin, Cout = input.shape[1], weight.shape[0]
     if Cin % groups or Cout % groups:
         raise ValueError(

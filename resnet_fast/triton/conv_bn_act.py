@@ -70,7 +70,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from resnet_fast._conventions import acc_dtype_of, conv_output_shape
+from resnet_fast._conventions import acc_dtype_of, check_groups, conv_output_shape
 from resnet_fast.triton.bn_act import relu_keep_nan
 
 __all__ = ["CONV_CONFIGS", "INTERPRETER_CONFIG", "conv2d_bn_act"]
@@ -336,8 +336,7 @@ def conv2d_bn_act(x: Tensor, weight: Tensor, conv_bias: Optional[Tensor], stride
         raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
     if weight.device != x.device:
         raise ValueError(f"weight is on {weight.device}, x on {x.device}")
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    check_groups(groups)
     sh_, sw_ = _pair(stride, "stride")
     ph, pw = _pair(padding, "padding")
     dh, dw = _pair(dilation, "dilation")
