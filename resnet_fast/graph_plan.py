@@ -146,6 +146,7 @@ class FusedBlockEnd(_FusedStep):
 Step = Union[Call, FusedConv, FusedBlockEnd]
 
 
+@dataclasses.dataclass(eq=False, repr=False)
 class FusedForward:
     """The forward of ``module`` with its conv + BatchNorm (+ residual) (+ ReLU) chains fused:
     installed as the module's instance attribute ``forward`` (see
@@ -157,15 +158,12 @@ class FusedForward:
     the convs they do not hand on deferred; ``output`` is the returned structure.
     """
 
-    def __init__(self, module: nn.Module, inputs: tuple[str, ...], steps: tuple[Step, ...],
-                 output: Any, backend: Optional[str] = None,
-                 memory_efficient: bool = False) -> None:
-        self.module = module
-        self.inputs = inputs
-        self.steps = steps
-        self.output = output
-        self.backend = backend
-        self.memory_efficient = memory_efficient
+    module: nn.Module
+    inputs: tuple[str, ...]
+    steps: tuple[Step, ...]
+    output: Any
+    backend: Optional[str] = None
+    memory_efficient: bool = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         values = list(args) if not kwargs and len(args) == len(self.inputs) else \
