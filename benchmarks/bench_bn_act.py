@@ -49,8 +49,8 @@ import torch
 import resnet_fast
 from resnet_fast import functional, reference
 from resnet_fast.timing import (compiled, fmt_cell, interleave, provenance, pyplot,
-                                recompiles_of, row_provenance, time_stats, write_csv,
-                                write_json)
+                                recompiles_of, row_provenance, save_figure, time_stats,
+                                write_result_files)
 
 from _common import RESULTS, bn_shape_sets, geomean, run_name
 
@@ -294,11 +294,9 @@ def summarize(rows) -> list[dict]:
 
 
 def write_results(rows, out: Path, tag: str, prov: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     stem = out / f"bn_act_{tag}"
-    write_csv(stem.with_suffix(".csv"), rows)
     summary = summarize(rows)
-    write_json(stem.with_suffix(".json"), prov, {"summary": summary, "rows": rows})
+    paths = write_result_files(stem, rows, prov, {"summary": summary, "rows": rows}, plot)
     print("\nsummary per shape set (geometric mean over its shapes of the speed-up vs eager; "
           "worst shape; worst time / roofline, and / roofline with fresh outputs)")
     for s in summary:
@@ -306,14 +304,13 @@ def write_results(rows, out: Path, tag: str, prov: dict) -> None:
               f"{s['provider']:8} geomean {s['geomean_vs_eager']:.2f}x  "
               f"min {s['min_vs_eager']:.2f}x  roofline {s['max_vs_roofline']:.2f}x  "
               f"fresh {s['max_vs_roofline_fresh']:.2f}x")
-    plot(rows, stem.with_suffix(".png"), prov)
-    print(f"\nwrote {stem}.csv, .json" + (", .png" if stem.with_suffix('.png').exists() else ""))
+    print(f"\nwrote {stem}.csv, .json" + (", .png" if "png" in paths else ""))
 
 
-def plot(rows, path: Path, prov: dict) -> None:
+def plot(rows, path: Path, prov: dict) -> bool:
     plt = pyplot()
     if plt is None:
-        return
+        return False
     panels = sorted({(r["layout"], r["op"], r["mode"]) for r in rows})
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.2 * len(panels)), squeeze=False)
     for ax, (layout, op, mode) in zip(axes[:, 0], panels):
@@ -333,9 +330,8 @@ def plot(rows, path: Path, prov: dict) -> None:
         ax.set_title(f"{op} {mode} {layout} {sel[0]['dtype']} on {prov['device']}",
                      fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
+    return True
 
 
 if __name__ == "__main__":

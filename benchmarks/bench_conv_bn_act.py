@@ -122,8 +122,8 @@ import resnet_fast
 from resnet_fast import functional, reference
 from resnet_fast._conventions import acc_dtype_of, conv_output_shape
 from resnet_fast.timing import (compiled, error_text, fmt_cell, interleave, provenance, pyplot,
-                                recompiles_of, row_provenance, synchronize, time_stats,
-                                write_csv, write_json)
+                                recompiles_of, row_provenance, save_figure, synchronize,
+                                time_stats, write_result_files)
 
 from _common import RESULTS, geomean, run_name
 
@@ -778,14 +778,12 @@ def write_results(rows, skipped, failed, out: Path, tag: str, prov: dict,
     if not rows:
         print("nothing measured")
         return
-    out.mkdir(parents=True, exist_ok=True)
     stem = out / f"conv_bn_act_{tag}"
-    write_csv(stem.with_suffix(".csv"), rows)
     summary = summarize(rows)
     target_rows = targets(summary, prov["device_kind"])
-    write_json(stem.with_suffix(".json"), prov, {"config": config, "targets": target_rows,
-                                                 "summary": summary, "skipped": skipped,
-                                                 "failed": failed, "rows": rows})
+    paths = write_result_files(stem, rows, prov, {"config": config, "targets": target_rows,
+                                                  "summary": summary, "skipped": skipped,
+                                                  "failed": failed, "rows": rows}, plot)
     print_summary(summary, target_rows, any(r["provider"].startswith("eager_") for r in rows))
     if skipped:
         print(f"\nskipped {len(skipped)} (layer, mode, provider): "
@@ -794,15 +792,15 @@ def write_results(rows, skipped, failed, out: Path, tag: str, prov: dict,
         print(f"\nFAILED {len(failed)} (layer, mode, provider), not in the rows or the summary:")
         for f in failed:
             print(f"  {f['provider']} {f['layer']} {f['mode']}: {f['reason']}")
-    plot(rows, stem.with_suffix(".png"), prov)
-    print(f"\nwrote {stem}.csv, .json" + (", .png" if stem.with_suffix(".png").exists() else ""))
+    print(f"\nwrote {stem}.csv, .json" + (", .png" if "png" in paths else ""))
 
 
-def plot(rows, path: Path, prov: dict) -> None:
-    """One panel per mode: per layer, a bar per provider of its speed-up vs eager."""
+def plot(rows, path: Path, prov: dict) -> bool:
+    """One panel per mode: per layer, a bar per provider of its speed-up vs eager; returns
+    whether the PNG was written."""
     plt = pyplot()
     if plt is None:
-        return
+        return False
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     providers = [q for q in dict.fromkeys(r["provider"] for r in rows) if q != "eager"]
@@ -826,9 +824,8 @@ def plot(rows, path: Path, prov: dict) -> None:
         ax.set_title(f"conv+BN(+add)+ReLU {mode}: {r0['dtype']} {r0['layout']} batch "
                      f"{r0['batch']} image {r0['image']} on {prov['device']}", fontsize=9)
         ax.legend(fontsize=7, ncol=len(providers))
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
+    return True
 
 
 if __name__ == "__main__":

@@ -61,8 +61,8 @@ import resnet_fast
 from resnet_fast import dispatch, models, reference
 from resnet_fast.cli import MODELS, UsageError, parse_size
 from resnet_fast.timing import (compiled, error_text, fmt_cell, interleave, provenance, pyplot,
-                                recompiles_of, row_provenance, time_stats, write_csv,
-                                write_json)
+                                recompiles_of, row_provenance, save_figure, time_stats,
+                                write_result_files)
 
 # The checkout's benchmarks/results, where the committed results live.
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
@@ -434,16 +434,11 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def write_results(rows: list[dict], out: Path, tag: str, prov: dict, s: Settings) -> dict:
-    stem = out / f"model_{tag}"
-    paths = {"csv": stem.with_suffix(".csv"), "json": stem.with_suffix(".json")}
-    write_csv(paths["csv"], rows)
     settings = {k: (str(v) if isinstance(v, Path) else v)
                 for k, v in dataclasses.asdict(s).items()}
-    write_json(paths["json"], prov, {"settings": settings, "summary": summarize(rows),
-                                     "rows": rows})
-    if plot(rows, stem.with_suffix(".png"), prov):
-        paths["png"] = stem.with_suffix(".png")
-    return paths
+    return write_result_files(out / f"model_{tag}", rows, prov,
+                              {"settings": settings, "summary": summarize(rows), "rows": rows},
+                              plot)
 
 
 def plot(rows: list[dict], path: Path, prov: dict) -> bool:
@@ -487,9 +482,7 @@ def plot(rows: list[dict], path: Path, prov: dict) -> bool:
     r0 = ok[0]
     axes[0, 0].set_title(f"{prov['device']}, {r0['dtype']}, batch {r0['batch']} at "
                          f"{r0['size']} (torch {prov['torch']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

@@ -16,7 +16,9 @@ One method for every benchmark:
   counts the compilations after its first call (recompiles);
 * :func:`provenance`: the machine, versions, commit, command line and settings of a run,
   which every result file records (:func:`write_json`: a top-level ``"provenance"`` object;
-  :func:`write_csv` rows carry :func:`row_provenance`'s columns).
+  :func:`write_csv` rows carry :func:`row_provenance`'s columns);
+* :func:`write_result_files`: a run's CSV, JSON and (with matplotlib) PNG under one name,
+  each figure saved by :func:`save_figure`.
 
 Only torch, the standard library and (optionally) Triton are imported here.
 """
@@ -314,6 +316,27 @@ def pyplot():
     except ImportError:
         return None
     return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lays ``fig`` out, saves it to ``path`` at 90 dpi and closes it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    pyplot().close(fig)
+
+
+def write_result_files(stem: Path, rows: list[dict], prov: dict, content: dict,
+                       plot: Callable[[list[dict], Path, dict], bool]) -> dict[str, Path]:
+    """A run's result files, made with their folder: ``stem``.csv (``rows``), .json
+    (``{"provenance": prov, **content}``) and .png when ``plot(rows, path, prov)`` draws one
+    (it returns whether it did); their paths by suffix."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": stem.with_suffix(".csv"), "json": stem.with_suffix(".json")}
+    write_csv(paths["csv"], rows)
+    write_json(paths["json"], prov, content)
+    if plot(rows, stem.with_suffix(".png"), prov):
+        paths["png"] = stem.with_suffix(".png")
+    return paths
 
 
 def fmt_cell(v) -> str:

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from resnet_fast.timing import pyplot, save_figure
+
 if TYPE_CHECKING:
     from resnet_fast.cli.train_config import Config
 
@@ -67,14 +69,8 @@ def write_outputs(runs: list, out: Path, cfg: Config, device: str, backend: str,
 
 
 def plot(runs: list, path: Path, cfg: Config, world: int) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    if not runs[0].history:
+    plt = pyplot()
+    if plt is None or not runs[0].history:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in runs:
@@ -91,8 +87,6 @@ def plot(runs: list, path: Path, cfg: Config, world: int) -> bool:
     ax.set_title(f"{cfg.model} on {cfg.data}, batch {batch}, lr {cfg.lr} ({cfg.schedule})",
                  fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
