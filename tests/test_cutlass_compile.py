@@ -91,7 +91,10 @@ def _conv_kernel_key(mangled: str):
     return element, m is not None and m.group(1) == "1"
 
 
-def _objdump(obj, *args):
+def _objdump(compiled, *args):
+    """cuobjdump's output for the object file of ``compiled``, whose compile must succeed."""
+    returncode, output, obj = compiled
+    assert returncode == 0, output[-4000:]
     proc = subprocess.run([CUOBJDUMP, *args, str(obj)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
@@ -124,9 +127,7 @@ def test_no_spills_in_ptxas_report(compiled):
 @needs_toolchain
 @needs_cuobjdump
 def test_resource_usage_no_stack_no_local(compiled):
-    returncode, output, obj = compiled
-    assert returncode == 0, output[-4000:]
-    report = _objdump(obj, "--dump-resource-usage")
+    report = _objdump(compiled, "--dump-resource-usage")
     functions = re.findall(r"Function (\S+):\s*\n\s*(REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+)",
                            report)
     conv = {_conv_kernel_key(name) for name, _ in functions} - {None}
@@ -141,9 +142,7 @@ def test_resource_usage_no_stack_no_local(compiled):
 @needs_toolchain
 @needs_cuobjdump
 def test_conv_kernels_use_tensor_cores(compiled):
-    returncode, output, obj = compiled
-    assert returncode == 0, output[-4000:]
-    sass = _objdump(obj, "-sass")
+    sass = _objdump(compiled, "-sass")
     # Split the listing into functions: "Function : <mangled name>" starts each.
     sections = re.split(r"^\s*Function : (\S+)\s*$", sass, flags=re.MULTILINE)
     found = {}

@@ -90,16 +90,18 @@ ATTN = {None: None, "se": SEModule, "eca": EcaModule}
 
 
 class _TimmBlock(nn.Module):
-    """What timm's BasicBlock and Bottleneck share after their last conv + BatchNorm: the
-    attention module (``se``), the drop path, the shortcut add and the last activation."""
+    """What timm's BasicBlock and Bottleneck share: a forward calling the children named in
+    ``chain`` in turn (the steps of timm's forward up to the last conv + BatchNorm), then the
+    attention module (``se``), the drop path, the shortcut add and the last activation (the
+    child named ``last_act``)."""
 
-    def _init_end(self, channels, act, act_layer, attn_layer, downsample, drop_path):
-        self.se = None if attn_layer is None else attn_layer(channels)
-        setattr(self, act, act_layer(inplace=True))
-        self.downsample = downsample
-        self.drop_path = drop_path
+    chain: tuple[str, ...]
+    last_act: str
 
-    def _end(self, x, shortcut, act):
+    def forward(self, x):
+        shortcut = x
+        for name in self.chain:
+            x = getattr(self, name)(x)
         if self.se is not None:
             x = self.se(x)
         if self.drop_path is not None:
@@ -107,11 +109,19 @@ class _TimmBlock(nn.Module):
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
         x += shortcut
-        return act(x)
+        return getattr(self, self.last_act)(x)
+
+    def _init_end(self, channels, act_layer, attn_layer, downsample, drop_path):
+        self.se = None if attn_layer is None else attn_layer(channels)
+        setattr(self, self.last_act, act_layer(inplace=True))
+        self.downsample = downsample
+        self.drop_path = drop_path
 
 
 class BasicBlock(_TimmBlock):
     expansion = 1
+    chain = ("conv1", "bn1", "drop_block", "act1", "aa", "conv2", "bn2")
+    last_act = "act2"
 
     def __init__(self, inplanes, planes, stride=1, downsample=None, cardinality=1,
                  base_width=64, act_layer=nn.ReLU, attn_layer=None, drop_path=None):
@@ -123,22 +133,13 @@ class BasicBlock(_TimmBlock):
         self.aa = nn.Identity()
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self._init_end(planes, "act2", act_layer, attn_layer, downsample, drop_path)
-
-    def forward(self, x):
-        shortcut = x
-        x = self.conv1(x)
-        x = self.bn1(x)
-        x = self.drop_block(x)
-        x = self.act1(x)
-        x = self.aa(x)
-        x = self.conv2(x)
-        x = self.bn2(x)
-        return self._end(x, shortcut, self.act2)
+        self._init_end(planes, act_layer, attn_layer, downsample, drop_path)
 
 
 class Bottleneck(_TimmBlock):
     expansion = 4
+    chain = ("conv1", "bn1", "act1", "conv2", "bn2", "drop_block", "act2", "aa", "conv3", "bn3")
+    last_act = "act3"
 
     def __init__(self, inplanes, planes, stride=1, downsample=None, cardinality=1,
                  base_width=64, act_layer=nn.ReLU, attn_layer=None, drop_path=None):
@@ -155,21 +156,7 @@ class Bottleneck(_TimmBlock):
         self.aa = nn.Identity()
         self.conv3 = nn.Conv2d(width, outplanes, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(outplanes)
-        self._init_end(outplanes, "act3", act_layer, attn_layer, downsample, drop_path)
-
-    def forward(self, x):
-        shortcut = x
-        x = self.conv1(x)
-        x = self.bn1(x)
-        x = self.act1(x)
-        x = self.conv2(x)
-        x = self.bn2(x)
-        x = self.drop_block(x)
-        x = self.act2(x)
-        x = self.aa(x)
-        x = self.conv3(x)
-        x = self.bn3(x)
-        return self._end(x, shortcut, self.act3)
+        self._init_end(outplanes, act_layer, attn_layer, downsample, drop_path)
 
 
 def downsample_conv(cin, cout, stride):
