@@ -205,7 +205,6 @@ def small_resnet(block: str, *, layers=(1, 1, 1, 1), **kwargs):
 def test_parameter_count_and_state_dict_match_torchvision(arch):
     """Full size (1000 classes, on the meta device): torchvision's parameter count and the
     reference model's state_dict keys, shapes and dtypes, in order."""
-    assert getattr(models, arch).__name__ == getattr(reference_models, arch).__name__ == arch
     with torch.device("meta"):
         fused = getattr(models, arch)()
         ref = getattr(reference_models, arch)()
