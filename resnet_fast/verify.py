@@ -4,13 +4,18 @@ Tolerance policy: for every compared quantity (the output, the gradient of every
 parameter, the updated running statistics), the fused result must have eager's shape and dtype
 (and, for the activations, its memory format), and its largest absolute error against the
 float64 reference may be at most twice the error of eager PyTorch in the same dtype against
-that reference, plus a floor of a few units in the last place of the activations' dtype times
-the reference's scale: ``FLOOR[dtype] * max(1, max|reference|)`` (:func:`tolerance`; the 1
-keeps a quantity that is 0 by symmetry, such as a conv bias gradient under batch statistics or
-any input gradient of a channel of two values, from having no floor at all). The running
-statistics get the floor of their own dtype: with bfloat16 activations they are float32,
-computed from the rounded inputs at float32 precision, so a dropped Bessel correction or a
-wrong momentum fails in bfloat16 too.
+that reference (:mod:`resnet_fast.reference` on the activations in that dtype and the
+per-channel tensors in its accumulation dtype, :func:`acc_dtype_of`: float32 for half and
+bfloat16, whose BatchNorm forward ATen computes in float32, rounding its output once), plus a
+floor of a few units in the last place of the activations' dtype times the reference's scale:
+``FLOOR[dtype] * max(1, max|reference|)`` (:func:`tolerance`; the 1 keeps a quantity that is 0
+by symmetry, such as a conv bias gradient under batch statistics or any input gradient of a
+channel of two values, from having no floor at all). The running statistics get the floor of
+their own dtype: with bfloat16 activations they are float32, computed from the rounded inputs
+at float32 precision, so a dropped Bessel correction or a wrong momentum fails in bfloat16 too.
+So do the per-channel statistics a kernel returns and no eager op does (quantities named
+``stats_*``: a batch mean, variance or invstd): eager's are computed in the accumulation dtype
+from the rounded inputs (:func:`batch_stats`).
 
 Non-finite values: NaN, +inf and -inf must appear in exactly the places where eager PyTorch (the
 reference in the case's dtype) puts them, in every quantity; the errors are then taken over the
@@ -35,7 +40,8 @@ from torch import Tensor
 from resnet_fast import functional, reference
 from resnet_fast._conventions import acc_dtype_of, conv_output_shape
 
-__all__ = ["FLOOR", "Case", "Conv", "CaseResult", "check_case", "compare", "compare_over_draws", "summed_terms", "tolerance",
+__all__ = ["FLOOR", "Case", "Conv", "CaseResult", "check_case", "compare", "compare_over_draws",
+           "compare_redrawn", "describe_failures", "batch_stats", "summed_terms", "tolerance",
            "layout_mismatch", "STRIDED_QUANTITIES", "run_case", "OPS", "CONV_OPS", "LAYOUTS", "ALL_LAYOUTS"]
 
 # The floor of the tolerance relative to max(1, max|reference|), per dtype: a few units in the
@@ -173,15 +179,25 @@ class CaseResult:
         return max(self.errors, key=ratio)
 
     def failures(self) -> list[str]:
-        return [
-            f"{k}: {self.mismatches[k]}" if k in self.mismatches else
-            f"{k}: NaN or inf not where eager has them" if self.errors[k] == math.inf else
-            f"{k}: {'mean ' if self.draws > 1 else ''}error {self.errors[k]:.3g} > bound "
-            f"{self.bounds[k]:.3g} (eager {self.eager_errors[k]:.3g}"
-            f"{f', over {self.draws} draws' if self.draws > 1 else ''})"
-            for k in self.errors
-            if not self.errors[k] <= self.bounds[k]
-        ]
+        return describe_failures(self.errors, self.eager_errors, self.bounds, self.mismatches,
+                                 self.draws)
+
+
+def describe_failures(errors: dict[str, float], eager_errors: dict[str, float],
+                      bounds: dict[str, float], mismatches: dict[str, str],
+                      draws: int = 1) -> list[str]:
+    """One line for each quantity past its bound: how its layout differs from eager's, that its
+    NaN or inf are misplaced, or its error against its bound (and eager's; means over
+    ``draws``)."""
+    return [
+        f"{k}: {mismatches[k]}" if k in mismatches else
+        f"{k}: NaN or inf not where eager has them" if errors[k] == math.inf else
+        f"{k}: {'mean ' if draws > 1 else ''}error {errors[k]:.3g} > bound "
+        f"{bounds[k]:.3g} (eager {eager_errors[k]:.3g}"
+        f"{f', over {draws} draws' if draws > 1 else ''})"
+        for k in errors
+        if not errors[k] <= bounds[k]
+    ]
 
 
 def _layout(t: Tensor, layout: str) -> Tensor:
@@ -359,19 +375,8 @@ def check_case(case: Case, backend: Optional[str], device: torch.device | str = 
                                  f"{', '.join(missing)}")
         return ref, eager, fused
 
-    ref, eager, fused = runs(seed)
-    errors, eager_errors, bounds = compare(ref, eager, fused, case.dtype, summed_terms(case, ref))
-    mismatches = {name: m for name in ref
-                  if (m := layout_mismatch(fused[name], eager[name],
-                                           name in STRIDED_QUANTITIES)) is not None}
-    failing = [k for k in errors if not errors[k] <= bounds[k]]
-    draws = 1
-    if failing and redraws and all(math.isfinite(errors[k]) for k in failing):
-        mean = compare_over_draws((runs(s) for s in range(seed + 1, seed + 1 + redraws)),
-                                  case.dtype, case)
-        for k in failing:
-            errors[k], eager_errors[k], bounds[k] = (m[k] for m in mean)
-        draws = 1 + redraws
+    errors, eager_errors, bounds, mismatches, draws = compare_redrawn(runs, case.dtype, seed,
+                                                                      redraws, case)
     return CaseResult(case, backend or "default", errors, eager_errors, bounds, mismatches,
                       draws)
 
@@ -418,6 +423,15 @@ def layout_mismatch(fused: Tensor, eager: Tensor, layout: bool = True) -> Option
     return None
 
 
+def batch_stats(input: Tensor, dtype: torch.dtype) -> Tensor:
+    """(2, C): the per-channel mean and biased variance of ``input`` (N, C, H, W) over N, H and
+    W, computed by eager PyTorch in ``dtype`` from ``input``'s values as they are: in the
+    accumulation dtype of ``input``'s (:func:`acc_dtype_of`), eager's counterpart of a kernel's
+    batch statistics; in float64, their reference."""
+    var, mean = torch.var_mean(input.to(dtype), (0, 2, 3), unbiased=False)
+    return torch.stack([mean, var])
+
+
 def tolerance(reference: Tensor, eager_error: float, dtype: torch.dtype,
               terms: float = 1.0) -> float:
     """The policy's bound on the error of a quantity of ``dtype`` whose float64 reference is
@@ -428,11 +442,12 @@ def tolerance(reference: Tensor, eager_error: float, dtype: torch.dtype,
 
 
 def _floor_dtype(name: str, eager: Tensor, dtype: torch.dtype) -> torch.dtype:
-    """The dtype whose floor bounds quantity ``name``: a running statistic's own (float32 with
-    half or bfloat16 activations: it is computed from the rounded inputs at float32 precision),
-    else the activations' ``dtype`` (a gradient passes through a ReLU mask and values decided at
-    the activations' precision), or the quantity's own where that is coarser."""
-    if "running_" in name:
+    """The dtype whose floor bounds quantity ``name``: a running statistic's (``running_*``) or
+    a kernel's per-channel statistic's (``stats_*``) own (float32 with half or bfloat16
+    activations: it is computed from the rounded inputs at float32 precision), else the
+    activations' ``dtype`` (a gradient passes through a ReLU mask and values decided at the
+    activations' precision), or the quantity's own where that is coarser."""
+    if "running_" in name or "stats_" in name:
         return eager.dtype
     return max((dtype, eager.dtype), key=lambda d: torch.finfo(d).eps)
 
@@ -441,14 +456,15 @@ def compare(ref: dict[str, Tensor], eager: dict[str, Tensor], fused: dict[str, T
             dtype: torch.dtype, terms: Optional[dict[str, float]] = None
             ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """The tolerance policy over named quantities: (fused errors, eager errors, bounds), each
-    by name, for the float64 reference ``ref`` and the runs ``eager`` and ``fused`` (activations
-    in ``dtype``; each quantity's floor is that of ``dtype``, of its own dtype for the running
-    statistics, see :func:`tolerance`; ``terms``: the size of the largest term summed into a
-    quantity, by name, where it is known to exceed the result). A fused quantity passes when its error is at most its bound; one whose
-    shape or dtype (or, for :data:`STRIDED_QUANTITIES`, memory format) differ from eager's
-    (:func:`layout_mismatch`), or whose NaN or inf
-    elements are not where eager has them, gets an infinite error. Integer quantities
-    (counters) must be equal (error 0, else infinite; bound 0)."""
+    by name, for the float64 reference ``ref`` and the runs ``eager`` and ``fused``
+    (activations in ``dtype``; each quantity's floor is that of ``dtype``, of its own dtype for
+    the running statistics and a kernel's ``stats_*``, see :func:`tolerance`; ``terms``: the
+    size of the largest term summed into a quantity, by name, where it is known to exceed the
+    result). A fused quantity passes when its error is at most its bound; one whose shape or
+    dtype (or, for :data:`STRIDED_QUANTITIES`, memory format) differ from eager's
+    (:func:`layout_mismatch`), or whose NaN or inf elements are not where eager has them, gets
+    an infinite error. Integer quantities (counters) must be equal (error 0, else infinite;
+    bound 0)."""
     errors, eager_errors, bounds = {}, {}, {}
     for name, r in ref.items():
         if not r.is_floating_point():
@@ -493,3 +509,30 @@ def compare_over_draws(draws, dtype: torch.dtype, case: Optional[Case] = None
 
     return mean(0), mean(1), mean(2)
 
+
+def compare_redrawn(runs: Callable[[int], tuple[dict, dict, dict]], dtype: torch.dtype,
+                    seed: int = 0, redraws: int = REDRAWS, case: Optional[Case] = None
+                    ) -> tuple[dict[str, float], dict[str, float], dict[str, float],
+                               dict[str, str], int]:
+    """The tolerance policy on a case that ``runs(s)`` draws with seed ``s`` as ``(ref, eager,
+    fused)`` (as :func:`compare` takes them; of ``case``, where given, for its
+    :func:`summed_terms`): :func:`compare` on the draw of ``seed``, and where finite errors
+    alone put quantities past their bound, those quantities judged on their mean over
+    ``redraws`` more draws (the seeds after ``seed``, :func:`compare_over_draws`). Returns the
+    errors, eager errors and bounds by name, how the first draw's quantities differ from eager's
+    in layout (:func:`layout_mismatch`, by name, where they do) and the number of draws the
+    results average (1, or 1 + ``redraws``)."""
+    ref, eager, fused = runs(seed)
+    errors, eager_errors, bounds = compare(ref, eager, fused, dtype,
+                                           None if case is None else summed_terms(case, ref))
+    mismatches = {name: m for name in ref
+                  if (m := layout_mismatch(fused[name], eager[name],
+                                           name in STRIDED_QUANTITIES)) is not None}
+    failing = [k for k in errors if not errors[k] <= bounds[k]]
+    if not (failing and redraws and all(math.isfinite(errors[k]) for k in failing)):
+        return errors, eager_errors, bounds, mismatches, 1
+    mean = compare_over_draws((runs(s) for s in range(seed + 1, seed + 1 + redraws)), dtype,
+                              case)
+    for k in failing:
+        errors[k], eager_errors[k], bounds[k] = (m[k] for m in mean)
+    return errors, eager_errors, bounds, mismatches, 1 + redraws
