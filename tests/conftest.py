@@ -12,7 +12,8 @@ Fixtures: ``device``, the device the tests run on (CUDA where torch has it, else
 ``backend``, every resnet_fast backend but ``reference`` (the ground truth the others are compared
 with), one parametrisation each. A backend that cannot run on ``device`` is a recorded skip that
 gives ``resnet_fast.unavailable_reason``; tests parametrise ``backend`` themselves (indirectly) to
-run a subset.
+run a subset. The tests of the Triton kernels themselves (tests/test_triton_*.py) take
+``triton_device``, ``within_policy`` and ``aot_reports``.
 """
 
 import os
@@ -28,6 +29,7 @@ os.environ["RESNET_FAST_AUTOTUNE"] = "0"
 os.environ["RESNET_FAST_CACHE_DIR"] = tempfile.mkdtemp(prefix="resnet_fast_cache_")
 
 import resnet_fast  # noqa: E402  (after TRITON_INTERPRET is set)
+from resnet_fast import verify  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FUSED_BACKENDS = tuple(b for b in resnet_fast.BACKENDS if b != "reference")
@@ -75,3 +77,41 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def triton_device() -> torch.device:
+    """The device Triton kernels run on when a test calls them directly: the CPU under Triton's
+    interpreter (TRITON_INTERPRET=1, set above where torch has no CUDA), else CUDA; skipped
+    where there is neither."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        pytest.skip("Triton kernels need a GPU, or TRITON_INTERPRET=1 set before Triton is "
+                    "imported")
+    return torch.device("cuda")
+
+
+@pytest.fixture(scope="session")
+def within_policy():
+    """``check(runs, dtype)``: fails the test unless a kernel's quantities are within the
+    tolerance policy (:func:`resnet_fast.verify.compare_redrawn`, activations in ``dtype``) on
+    the case ``runs(seed)`` draws as ``(reference, eager, fused)``, quantities by name."""
+
+    def check(runs, dtype):
+        failures = verify.describe_failures(*verify.compare_redrawn(runs, dtype))
+        assert not failures, "\n".join(failures)
+
+    return check
+
+
+@pytest.fixture(scope="module")
+def aot_reports(request):
+    """{arch: report} for every arch in the requesting module's ARCHS: the module's
+    ``aot_report(arch)``, computed by the module run as a script once per arch, all at once
+    (tests/_triton_aot.py); skipped where there is no cuobjdump to read the cubins."""
+    from _triton_aot import _cuobjdump, aot_reports_of
+
+    if _cuobjdump() is None:
+        pytest.skip("cuobjdump not found (Triton bundles it)")
+    return aot_reports_of(request.module.__file__, request.module.ARCHS)

@@ -1,12 +1,16 @@
 """The Triton kernels of resnet_fast::bn_act (resnet_fast/triton/bn_act.py).
 
-1. ``forward`` / ``backward`` against a float64 eager reference (F.batch_norm + add + relu,
-   gradients from torch.autograd.grad) on tiny shapes with odd sizes, both layouts, every
-   residual mode, ReLU on and off, training and eval. They run on CUDA tensors where a GPU is
-   present, else on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, which
-   tests/conftest.py sets when torch has no CUDA), and are skipped otherwise.
-   Tolerance policy: a result's max error against the float64 reference may be at most twice
-   that of eager PyTorch in the same dtype, plus a small absolute floor per dtype.
+1. ``forward`` / ``backward`` under the tolerance policy (resnet_fast/verify.py) on tiny shapes
+   with odd sizes, both layouts, every residual mode, ReLU on and off, training and eval: the
+   output, the gradients and the updated running statistics against F.batch_norm (+ add +
+   relu) in float64 on the same rounded inputs, gradients from torch.autograd.grad, with eager
+   PyTorch's error in the same dtype (activations in it, per-channel tensors in its
+   accumulation dtype, as verify.run_case runs eager); the saved statistics (mean, invstd:
+   ``stats_*``) against theirs computed by eager in the accumulation dtype (verify.batch_stats,
+   in eval the running statistics), judged as the running statistics are; a case past its
+   bounds is judged on the mean over more draws, as verify does. They run on ``triton_device``
+   (tests/conftest.py): CUDA tensors where a GPU is present, else CPU tensors under Triton's
+   interpreter.
 2. Numerics: a channel with mean 1e4 and std 1 keeps its variance in float32; a constant
    channel gives variance 0 and a finite output.
 3. Ahead-of-time compilation for sm_80 and sm_90 of every kernel, at the configurations
@@ -15,6 +19,7 @@
 """
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -25,40 +30,45 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton", reason="Triton is not installed")
 
+from resnet_fast import verify  # noqa: E402
 from resnet_fast._conventions import acc_dtype_of  # noqa: E402
 from resnet_fast.triton import bn_act  # noqa: E402  (after the Triton check)
-from _triton_aot import (  # noqa: E402  (tests/_triton_aot.py)
-    aot_reports_of, _compile_spec, _cuobjdump, _resource_usage)
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = torch.device("cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda")
-needs_kernels = pytest.mark.skipif(
-    not (INTERPRETED or torch.cuda.is_available()),
-    reason="Triton kernels need a GPU, or TRITON_INTERPRET=1 set before Triton is imported",
-)
+from _triton_aot import _compile_spec, _resource_usage  # noqa: E402  (tests/_triton_aot.py)
 
 EPS = 1e-5
 MOMENTUM = 0.1
-# Absolute floor of the tolerance, per dtype of the activations.
-FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
-# Per-channel statistics (acc dtype) have no eager counterpart: relative + absolute tolerance.
-STATS_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
 RESIDUAL_MODES = ("none", "add", "bn")
+# The BatchNorm branches by residual mode: the prefix of a branch's per-channel tensors and
+# quantities (verify's names: "residual_running_mean", ...) and its input.
+BRANCHES = {
+    "none": [("", "x")],
+    "add": [("", "x")],
+    "bn": [("", "x"), ("residual_", "residual")],
+}
+# The inputs with a gradient by residual mode, and the names of their gradients (verify's).
+INPUTS = {
+    "none": ("x", "weight", "bias"),
+    "add": ("x", "weight", "bias", "residual"),
+    "bn": ("x", "weight", "bias", "residual", "residual_weight", "residual_bias"),
+}
+GRAD_NAMES = {"x": "grad_input", "residual": "grad_residual", "weight": "grad_weight",
+              "bias": "grad_bias", "residual_weight": "grad_residual_weight",
+              "residual_bias": "grad_residual_bias"}
 
 
-def make_case(shape, dtype, channels_last, residual, seed=0):
-    """Activation, residual, grad_out (dtype) and per-channel tensors (acc dtype), on DEVICE."""
+def make_case(device, shape, dtype, channels_last, residual, seed=0):
+    """Activation, residual, grad_out (dtype) and per-channel tensors (acc dtype), on device."""
     g = torch.Generator().manual_seed(seed)
     N, C, H, W = shape
     acc = acc_dtype_of(dtype)
 
     def act(scale, shift):
         t = (torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift).to(dtype)
-        t = t.to(DEVICE)
+        t = t.to(device)
         return t.contiguous(memory_format=torch.channels_last) if channels_last else t
 
     def per_channel(lo, hi):
-        return (torch.rand(C, generator=g, dtype=torch.float64) * (hi - lo) + lo).to(acc).to(DEVICE)
+        return (torch.rand(C, generator=g, dtype=torch.float64) * (hi - lo) + lo).to(acc).to(device)
 
     case = {
         "x": act(2.0, 0.5),
@@ -74,39 +84,36 @@ def make_case(shape, dtype, channels_last, residual, seed=0):
 
 
 def eager(case, residual, training, relu, dtype):
-    """Eager PyTorch in ``dtype`` (per-channel tensors in its acc dtype, float64 for the
-    reference): (out, stats per branch, new running per branch, gradients by name)."""
+    """The quantities of eager PyTorch in ``dtype`` by name: activations in ``dtype``,
+    per-channel tensors in its accumulation dtype (with float64, the float64 reference), as
+    verify.run_case runs it: the output, the per-channel statistics the kernels normalise with
+    (verify.batch_stats of the input, in eval the running statistics; invstd = rsqrt(var + eps)),
+    the updated running statistics (training) and the gradients."""
     acc = acc_dtype_of(dtype)
-    names = ["x", "weight", "bias"] + {
-        "none": [], "add": ["residual"], "bn": ["residual", "residual_weight", "residual_bias"],
-    }[residual]
     leaves = {k: case[k].detach().to(dtype if k in ("x", "residual") else acc).requires_grad_()
-              for k in names}
-    branches = [("x", "weight", "bias", "running_mean", "running_var")]
-    if residual == "bn":
-        branches.append(("residual", "residual_weight", "residual_bias",
-                         "residual_running_mean", "residual_running_var"))
-    y, stats, running = None, [], []
-    for inp, w, b, rm, rv in branches:
-        run_mean, run_var = case[rm].to(acc).clone(), case[rv].to(acc).clone()
-        t = F.batch_norm(leaves[inp], run_mean, run_var, leaves[w], leaves[b], training,
-                         MOMENTUM, EPS)
+              for k in INPUTS[residual]}
+    quantities, y = {}, None
+    for prefix, inp in BRANCHES[residual]:
+        run_mean = case[prefix + "running_mean"].to(acc).clone()
+        run_var = case[prefix + "running_var"].to(acc).clone()
+        mean, var = verify.batch_stats(case[inp], acc) if training else (run_mean, run_var)
+        quantities[prefix + "stats_mean"] = mean
+        quantities[prefix + "stats_invstd"] = (var + EPS).rsqrt()
+        t = F.batch_norm(leaves[inp], run_mean, run_var, leaves[prefix + "weight"],
+                         leaves[prefix + "bias"], training, MOMENTUM, EPS)
         y = t if y is None else y + t
-        data = case[inp].to(torch.float64)
         if training:
-            mean = data.mean((0, 2, 3))
-            var = data.var((0, 2, 3), unbiased=False)
-        else:
-            mean, var = case[rm].double(), case[rv].double()
-        stats.append(torch.stack([mean, (var + EPS).rsqrt()]))
-        running.append(torch.stack([run_mean, run_var]))
+            quantities[prefix + "running_mean"] = run_mean
+            quantities[prefix + "running_var"] = run_var
     if residual == "add":
         y = y + leaves["residual"]
     if relu:
         y = F.relu(y)
     go = case["grad_out"].to(dtype)
-    grads = dict(zip(leaves, torch.autograd.grad(y, list(leaves.values()), go)))
-    return y.detach(), torch.stack(stats), torch.stack(running), grads
+    grads = torch.autograd.grad(y, list(leaves.values()), go)
+    quantities["output"] = y.detach()
+    quantities.update({GRAD_NAMES[k]: g for k, g in zip(leaves, grads)})
+    return quantities
 
 
 def run_triton(case, residual, training, relu):
@@ -123,109 +130,101 @@ def run_triton(case, residual, training, relu):
     return out, save_stats, new_running, dict(zip(names, grads))
 
 
-def assert_within_policy(name, ours, same_dtype_eager, reference, dtype):
-    """max |ours - reference| <= 2 * max |eager - reference| + FLOOR[dtype]."""
-    ours, ref = ours.double().cpu(), reference.double().cpu()
-    eager_err = (same_dtype_eager.double().cpu() - ref).abs().max().item()
-    diff = (ours - ref).abs()
-    err = diff.max().item()
-    bound = 2 * eager_err + FLOOR[dtype]
-    if not err <= bound:
-        worst = diff.flatten().argmax().item()
-        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), diff.shape))
-        pytest.fail(f"{name}: max error {err:.3g} > bound {bound:.3g} (eager {eager_err:.3g}); "
-                    f"worst at {idx}: ours {ours[idx].item():.8g}, reference {ref[idx].item():.8g}")
-
-
-def check_against_reference(shape, dtype, channels_last, residual, training, relu):
-    case = make_case(shape, dtype, channels_last, residual)
+def fused_quantities(case, residual, training, relu):
+    """The kernels' quantities by eager's names, after checking what the policy does not: the
+    shapes and dtypes of the packed statistics, the activation gradients' strides, the empty
+    gradients of a residual mode's absent inputs, and that no two results share storage."""
     out, save_stats, new_running, grads = run_triton(case, residual, training, relu)
-    ref_out, ref_stats, ref_running, ref_grads = eager(case, residual, training, relu,
-                                                       torch.float64)
-    e_out, _, e_running, e_grads = eager(case, residual, training, relu, dtype)
-    branches = 2 if residual == "bn" else 1
-    acc = acc_dtype_of(dtype)
-
-    assert out.dtype == dtype and out.shape == case["x"].shape
+    branches, C = len(BRANCHES[residual]), case["x"].shape[1]
+    acc = acc_dtype_of(case["x"].dtype)
     assert out.stride() == case["x"].stride()
-    assert_within_policy("out", out, e_out, ref_out, dtype)
-
-    assert save_stats.shape == (branches, 2, shape[1]) and save_stats.dtype == acc
-    tol = STATS_TOL[dtype]
-    torch.testing.assert_close(save_stats.double().cpu(), ref_stats.cpu(), rtol=tol, atol=tol,
-                               msg=lambda m: f"save_stats: {m}")
+    assert save_stats.shape == (branches, 2, C) and save_stats.dtype == acc
     if training:
-        assert new_running.shape == (branches, 2, shape[1]) and new_running.dtype == acc
-        assert_within_policy("new_running", new_running, e_running, ref_running, dtype)
+        assert new_running.shape == (branches, 2, C) and new_running.dtype == acc
     else:
         assert new_running.numel() == 0 and new_running.dtype == acc
-
-    for name, ref in ref_grads.items():
-        ours = grads[name]
-        assert ours.shape == ref.shape, name
-        if name in ("x", "residual"):
-            assert ours.dtype == dtype and ours.stride() == case["x"].stride(), name
-        assert_within_policy(f"grad_{name}", ours, e_grads[name], ref, dtype)
-    for name in ("residual", "residual_weight", "residual_bias"):
-        if name not in ref_grads:
-            assert grads[name].numel() == 0 and grads[name].dtype == acc, name
     returned = [out, save_stats, new_running, *grads.values()]
     assert len({id(t) for t in returned}) == len(returned)
     storages = [t.untyped_storage().data_ptr() for t in returned if t.numel()]
     assert len(set(storages)) == len(storages)
+    for name, g in grads.items():
+        if name not in INPUTS[residual]:
+            assert g.numel() == 0 and g.dtype == acc, name
+        elif name in ("x", "residual"):
+            assert g.stride() == case["x"].stride(), name
+    fused = {"output": out, **{GRAD_NAMES[k]: grads[k] for k in INPUTS[residual]}}
+    for b, (prefix, _) in enumerate(BRANCHES[residual]):
+        fused[prefix + "stats_mean"], fused[prefix + "stats_invstd"] = save_stats[b]
+        if training:
+            fused[prefix + "running_mean"], fused[prefix + "running_var"] = new_running[b]
+    return fused
+
+
+def check_against_reference(device, within_policy, shape, dtype, channels_last, residual,
+                            training, relu):
+    def runs(seed):
+        case = make_case(device, shape, dtype, channels_last, residual, seed)
+        ref = eager(case, residual, training, relu, torch.float64)
+        fused = fused_quantities(case, residual, training, relu)
+        assert fused.keys() == ref.keys()
+        return ref, eager(case, residual, training, relu, dtype), fused
+
+    within_policy(runs, dtype)
+
+
+@pytest.fixture
+def check(triton_device, within_policy):
+    """check(shape, dtype, channels_last, residual, training, relu): check_against_reference
+    on ``triton_device``."""
+    return functools.partial(check_against_reference, triton_device, within_policy)
 
 
 LAYOUTS = pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 
 
-@needs_kernels
 @LAYOUTS
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "identity"])
 @pytest.mark.parametrize("residual", RESIDUAL_MODES)
-def test_float32_modes(channels_last, training, relu, residual):
+def test_float32_modes(check, channels_last, training, relu, residual):
     # M = 24 and HW = 12: neither a multiple of the interpreter's 16-wide tiles.
-    check_against_reference((2, 7, 4, 3), torch.float32, channels_last, residual, training, relu)
+    check((2, 7, 4, 3), torch.float32, channels_last, residual, training, relu)
 
 
-@needs_kernels
 @LAYOUTS
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("residual", RESIDUAL_MODES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=["bf16", "fp64"])
-def test_dtypes(channels_last, training, residual, dtype):
-    check_against_reference((2, 5, 3, 7), dtype, channels_last, residual, training, True)
+def test_dtypes(check, channels_last, training, residual, dtype):
+    check((2, 5, 3, 7), dtype, channels_last, residual, training, True)
 
 
-@needs_kernels
 @LAYOUTS
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_float16(channels_last, training):
-    check_against_reference((2, 5, 3, 7), torch.float16, channels_last, "bn", training, True)
+def test_float16(check, channels_last, training):
+    check((2, 5, 3, 7), torch.float16, channels_last, "bn", training, True)
 
 
-@needs_kernels
 @LAYOUTS
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("shape", [(2, 3, 3, 5), (3, 5, 1, 1), (2, 3, 5, 7), (1, 1, 6, 6),
                                    (4, 33, 3, 3)], ids=str)
-def test_odd_shapes(channels_last, training, shape):
-    check_against_reference(shape, torch.float32, channels_last, "bn", training, True)
+def test_odd_shapes(check, channels_last, training, shape):
+    check(shape, torch.float32, channels_last, "bn", training, True)
 
 
-@needs_kernels
-@pytest.mark.skipif(not INTERPRETED, reason="block sizes are the GPU's own outside the interpreter")
 @LAYOUTS
-def test_32_wide_interpreter_blocks(monkeypatch, channels_last):
+def test_32_wide_interpreter_blocks(monkeypatch, triton_device, check, channels_last):
     # C = 33 against 32-wide channel blocks leaves a last block of one channel (test_odd_shapes
     # runs it with the default 16-wide ones).
+    if triton_device.type != "cpu":
+        pytest.skip("block sizes are the GPU's own outside the interpreter")
     monkeypatch.setattr(bn_act, "INTERPRETER_BLOCK", 32)
-    check_against_reference((4, 33, 3, 3), torch.float32, channels_last, "bn", True, True)
+    check((4, 33, 3, 3), torch.float32, channels_last, "bn", True, True)
 
 
-@needs_kernels
 @LAYOUTS
-def test_large_mean_and_constant_channel(channels_last):
+def test_large_mean_and_constant_channel(triton_device, channels_last):
     """Variance of a channel with mean 1e4 and std 1 to < 1e-3 relative error in float32, and
     a constant channel: variance 0, invstd 1/sqrt(eps), finite output and gradients."""
     g = torch.Generator().manual_seed(1)
@@ -233,10 +232,11 @@ def test_large_mean_and_constant_channel(channels_last):
     x = torch.randn(shape, generator=g, dtype=torch.float64)
     x[:, 0] += 1e4
     x[:, 1] = 3.0
-    x32 = x.float().to(DEVICE)
+    x32 = x.float().to(triton_device)
     if channels_last:
         x32 = x32.contiguous(memory_format=torch.channels_last)
-    ones, zeros = torch.ones(2, device=DEVICE), torch.zeros(2, device=DEVICE)
+    ones = torch.ones(2, device=triton_device)
+    zeros = torch.zeros(2, device=triton_device)
     out, save_stats, new_running = bn_act.forward(
         x32, ones, zeros, zeros.clone(), ones.clone(), None, None, None, None, None, False,
         True, MOMENTUM, EPS, True)
@@ -298,7 +298,7 @@ def _launches(shape, channels_last, dtype):
 def aot_report(arch):
     """Resource usage of every distinct kernel specialisation launched at AOT_SHAPES
     (both layouts, bf16 and fp32), compiled for sm_<arch>. Needs real JITFunctions, so it runs
-    in a process without TRITON_INTERPRET (see the aot_reports fixture)."""
+    in a process without TRITON_INTERPRET (the aot_reports fixture, tests/conftest.py)."""
     from triton.backends.compiler import GPUTarget
 
     specs = {}
@@ -322,13 +322,6 @@ def aot_report(arch):
     return report
 
 
-@pytest.fixture(scope="module")
-def aot_reports():
-    """{arch: aot_report(arch)}, each computed by this file run as a script, both at once."""
-    return aot_reports_of(__file__, ARCHS)
-
-
-@pytest.mark.skipif(_cuobjdump() is None, reason="cuobjdump not found (Triton bundles it)")
 @pytest.mark.parametrize("arch", ARCHS)
 def test_aot_compile_resnet50_configs(aot_reports, arch):
     failures = []
