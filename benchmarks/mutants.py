@@ -137,10 +137,8 @@ MUTANTS = (
            "new_mean = mom * old_mean + (1.0 - mom) * mean",
            BN_TRITON_TRAIN, "running mean update: momentum and 1 - momentum swapped"),
     Mutant("triton_relu_mask_from_input", "resnet_fast/triton/bn_act.py",
-           "g = tl.where(pre <= 0.0, 0.0, g)  # NaN passes, as threshold_backward\n"
-           "        if BATCH_STATS:",
-           "g = tl.where(x <= 0.0, 0.0, g)  # NaN passes, as threshold_backward\n"
-           "        if BATCH_STATS:",
+           "g = tl.where(pre <= 0.0, 0.0, g)\n    return g, x, r\n",
+           "g = tl.where(x <= 0.0, 0.0, g)\n    return g, x, r\n",
            _k("tests/test_bn_act.py", "triton"),
            "backward apply: ReLU mask from the BatchNorm input instead of the pre-activation"),
     Mutant("triton_residual_added_twice", "resnet_fast/triton/bn_act.py",

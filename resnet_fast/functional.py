@@ -224,14 +224,16 @@ def _fused(
 def _aten_batch_norm(input: Tensor, bn: _BatchNormArgs, training: bool,
                      momentum: Optional[float], eps: float) -> Tensor:
     """``nn.BatchNorm2d``'s forward on ``bn``'s tensors, through ATen: the batch counter moves in
-    training and ``momentum=None`` averages cumulatively, as the module does."""
+    training and ``momentum=None`` averages cumulatively, as the module does. ATen's op is called
+    directly: the argument checks of ``F.batch_norm`` ran on the call site's first call."""
     factor = 0.0 if momentum is None else momentum
     if training and bn.running_mean is not None and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         if momentum is None:
             factor = 1.0 / float(bn.num_batches_tracked)
-    return F.batch_norm(input, bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                        training or bn.running_mean is None, factor, eps)
+    return torch.batch_norm(input, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                            training or bn.running_mean is None, factor, eps,
+                            torch.backends.cudnn.enabled)
 
 
 def _aten_bn_act(input: Tensor, residual: Optional[Tensor], bn: _BatchNormArgs,
@@ -245,7 +247,7 @@ def _aten_bn_act(input: Tensor, residual: Optional[Tensor], bn: _BatchNormArgs,
         residual = _aten_batch_norm(residual, residual_bn, training, momentum, eps)
     if residual is not None:
         y = y + residual
-    return F.relu(y)
+    return torch.relu(y)
 
 
 def batch_norm_relu(
@@ -334,12 +336,12 @@ def _aten_conv_bn_relu(input: Union[Tensor, "DeferredBatchNorm"], conv_weight: T
     as eager runs the modules."""
     if isinstance(input, DeferredBatchNorm):
         input = input.materialize()
-    y = F.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
+    y = torch.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
     bn = _BatchNormArgs(running_mean, running_var, bn_weight, bn_bias, num_batches_tracked)
     y = _aten_batch_norm(y, bn, training, momentum, eps)
     if residual is not None:
         y = y + residual
-    return F.relu(y) if relu else y
+    return torch.relu(y) if relu else y
 
 
 class DeferredBatchNorm(NamedTuple):
