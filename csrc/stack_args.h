@@ -6,7 +6,10 @@
 #include <ATen/core/stack.h>
 
 #include <initializer_list>
+#include <mutex>
 #include <optional>
+#include <string_view>
+#include <unordered_map>
 #include <vector>
 
 namespace resnet_fast {
@@ -15,14 +18,15 @@ class StackArgs {
  public:
   StackArgs(const c10::OperatorHandle& op, torch::jit::Stack* stack)
       : schema_(op.schema()),
+        positions_(positions(schema_)),
         stack_(*stack),
         count_(schema_.arguments().size()),
         base_(stack->size() - count_) {}
 
   const c10::IValue& operator[](const char* name) const {
-    const auto index = schema_.argumentIndexWithName(name);
-    TORCH_INTERNAL_ASSERT(index.has_value(), schema_.name(), " has no argument ", name);
-    return stack_[base_ + *index];
+    const auto it = positions_.find(name);
+    TORCH_INTERNAL_ASSERT(it != positions_.end(), schema_.name(), " has no argument ", name);
+    return stack_[base_ + it->second];
   }
   at::Tensor tensor(const char* name) const { return (*this)[name].toTensor(); }
   std::optional<at::Tensor> optional(const char* name) const {
@@ -42,7 +46,24 @@ class StackArgs {
   }
 
  private:
+  using Positions = std::unordered_map<std::string_view, size_t>;
+
+  // The position of each argument of schema, by name: built at an op's first call (a schema
+  // lives as long as its registration).
+  static const Positions& positions(const c10::FunctionSchema& schema) {
+    static std::mutex mutex;
+    static std::unordered_map<const c10::FunctionSchema*, Positions> by_schema;
+    std::lock_guard<std::mutex> lock(mutex);
+    auto [it, added] = by_schema.try_emplace(&schema);
+    if (added) {
+      const auto& arguments = schema.arguments();
+      for (size_t i = 0; i < arguments.size(); ++i) it->second.emplace(arguments[i].name(), i);
+    }
+    return it->second;
+  }
+
   const c10::FunctionSchema& schema_;
+  const Positions& positions_;
   torch::jit::Stack& stack_;
   const size_t count_;
   const size_t base_;

@@ -189,7 +189,8 @@ def decided(site: Optional[tuple]) -> Optional[str]:
 
 def record(site: Optional[tuple], name: str) -> None:
     """Keeps ``name`` as the implementation of ``site``, a call whose arguments passed their
-    checks and which measured dispatch decided (or leaves unmeasured, as a recomputing conv)."""
+    checks and which measured dispatch decided, or which runs unmeasured (an explicit backend,
+    autotuning off, a recomputing conv): its next calls skip the checks as well."""
     if site is None:
         return
     if len(_DECIDED) >= _DECIDED_SIZE:

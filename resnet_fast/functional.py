@@ -151,9 +151,9 @@ def _fused(
     eps: float,
     backend: Optional[str],
 ) -> Tensor:
-    site = None if backend is not None else dispatch.call_site(
+    site = dispatch.call_site(
         api, (input, residual, *bn[:5], *(() if residual_bn is None else residual_bn[:5])),
-        (training, momentum, eps, residual_bn is not None))
+        (training, momentum, eps, residual_bn is not None, backend))
     name = dispatch.decided(site)
     if (
         isinstance(residual, Tensor)
@@ -173,6 +173,8 @@ def _fused(
                 api, input.device, training, call,
                 {"fused": functools.partial(_fused, api), dispatch.ATEN: _aten_bn_act},
                 (bn.weight, bn.running_mean), site, momentum_none=momentum is None)
+        else:
+            dispatch.record(site, name)
     if name == dispatch.ATEN:
         return _aten_bn_act(**call)
 
@@ -328,7 +330,7 @@ def dual_batch_norm_add_relu(
 def _aten_conv_bn_relu(input: Union[Tensor, "DeferredBatchNorm"], conv_weight: Tensor,
                        running_mean: Optional[Tensor], running_var: Optional[Tensor],
                        bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], training: bool,
-                       momentum: Optional[float], eps: float, *, conv_bias: Optional[Tensor],
+                       momentum: Optional[float], eps: float, conv_bias: Optional[Tensor],
                        stride, padding, dilation, groups: int, residual: Optional[Tensor],
                        relu: bool, num_batches_tracked: Optional[Tensor]) -> Tensor:
     """:func:`conv_bn_relu` as ATen's sequence (the ``aten`` candidate of measured dispatch):
@@ -510,12 +512,12 @@ def conv_bn_relu(
     """
     deferred = input if isinstance(input, DeferredBatchNorm) else None
     x = deferred.raw if deferred is not None else input
-    site = None if backend is not None else dispatch.call_site(
+    site = dispatch.call_site(
         "conv_bn_relu",
         (x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, residual,
          num_batches_tracked, *(() if deferred is None else deferred[1:4])),
         (training, momentum, eps, stride, padding, dilation, groups, relu, defer, recompute,
-         None if deferred is None else deferred[4:]))
+         None if deferred is None else deferred[4:], backend))
     name = dispatch.decided(site)
     cast = _autocast_conv_dtype(x.device) if isinstance(x, Tensor) else None
     if cast is not None:  # the conv in the autocast dtype, as F.conv2d runs it
@@ -530,33 +532,34 @@ def conv_bn_relu(
             residual = residual.to(x.dtype)
     batch_stats = training or running_mean is None
     defer = bool(defer) and batch_stats
-    call = dict(input=input if deferred is not None else x, conv_weight=conv_weight,
-                running_mean=running_mean, running_var=running_var, bn_weight=bn_weight,
-                bn_bias=bn_bias, training=training, momentum=momentum, eps=eps,
-                conv_bias=conv_bias, stride=stride, padding=padding, dilation=dilation,
-                groups=groups, residual=residual, relu=relu,
-                num_batches_tracked=num_batches_tracked)
     if name is None:  # a call site met for the first time: checked in full, then decided
+        call = dict(input=input if deferred is not None else x, conv_weight=conv_weight,
+                    running_mean=running_mean, running_var=running_var, bn_weight=bn_weight,
+                    bn_bias=bn_bias, training=training, momentum=momentum, eps=eps,
+                    conv_bias=conv_bias, stride=stride, padding=padding, dilation=dilation,
+                    groups=groups, residual=residual, relu=relu,
+                    num_batches_tracked=num_batches_tracked)
         _check_conv_bn_relu_call(x, conv_weight, conv_bias, running_mean, running_var,
                                  bn_weight, bn_bias, num_batches_tracked, training, stride,
                                  padding, dilation, groups, residual, defer)
         name = dispatch.static_choice("conv_bn_relu", backend, x.device)
         # A recomputing call is not measured: ATen's sequence keeps what eager keeps for
         # backward, and recompute is asked for to keep less.
-        if name != "reference" and dispatch.measured(backend):
-            if defer or recompute:
-                dispatch.record(site, name)
-            else:
-                name = dispatch.choose(
-                    "conv_bn_relu", x.device, training, call,
-                    {"fused": conv_bn_relu, dispatch.ATEN: _aten_conv_bn_relu}, (conv_weight,),
-                    site, stride=_pair("stride", stride, 1),
-                    padding=_pair("padding", padding, 0),
-                    dilation=_pair("dilation", dilation, 1), groups=groups, relu=relu,
-                    momentum_none=momentum is None,
-                    deferred_relu=None if deferred is None else deferred.relu)
+        if name != "reference" and dispatch.measured(backend) and not (defer or recompute):
+            name = dispatch.choose(
+                "conv_bn_relu", x.device, training, call,
+                {"fused": conv_bn_relu, dispatch.ATEN: _aten_conv_bn_relu}, (conv_weight,),
+                site, stride=_pair("stride", stride, 1), padding=_pair("padding", padding, 0),
+                dilation=_pair("dilation", dilation, 1), groups=groups, relu=relu,
+                momentum_none=momentum is None,
+                deferred_relu=None if deferred is None else deferred.relu)
+        else:
+            dispatch.record(site, name)
     if name == dispatch.ATEN:
-        return _aten_conv_bn_relu(**call)
+        return _aten_conv_bn_relu(input if deferred is not None else x, conv_weight,
+                                  running_mean, running_var, bn_weight, bn_bias, training,
+                                  momentum, eps, conv_bias, stride, padding, dilation, groups,
+                                  residual, relu, num_batches_tracked)
     stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
     dilation = _pair("dilation", dilation, 1)
     conv_args = dict(conv_bias=conv_bias, stride=stride, padding=padding, dilation=dilation,
