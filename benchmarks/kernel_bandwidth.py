@@ -101,20 +101,29 @@ def main(argv=None) -> int:
                 r = torch.randn_like(x) if has_res else None
                 w, b = torch.rand(C, device="cuda") + 0.5, torch.randn(C, device="cuda")
                 rm, rv = torch.zeros(C, device="cuda"), torch.ones(C, device="cuda")
-                rbn = ((w.clone(), b.clone(), rm.clone(), rv.clone(), None) if res_bn
-                       else (None,) * 5)
+                rbn = dict(residual_weight=w.clone(), residual_bias=b.clone(),
+                           residual_running_mean=rm.clone(), residual_running_var=rv.clone())
+                if not res_bn:
+                    rbn = dict.fromkeys(rbn)
                 g = torch.randn_like(x)
 
-                def forward(training):
-                    return ops.bn_act(x, w, b, rm, rv, None, r, *rbn, res_bn, training, 0.1,
-                                      1e-5, True, backend)
+                def forward(batch_stats):
+                    return ops.bn_act(
+                        input=x, weight=w, bias=b, running_mean=rm, running_var=rv,
+                        num_batches_tracked=None, residual=r, **rbn,
+                        residual_num_batches_tracked=None, residual_bn=res_bn,
+                        batch_stats=batch_stats, momentum=0.1, eps=1e-5, relu=True,
+                        backend=backend)
 
                 stats = forward(True)[1]
                 passes = {
                     "train": lambda: forward(True),
                     "eval": lambda: forward(False),
-                    "bwd": lambda: ops.bn_act_backward(g, x, w, b, r, rbn[0], rbn[1], stats,
-                                                       res_bn, True, True, backend),
+                    "bwd": lambda: ops.bn_act_backward(
+                        grad_out=g, input=x, weight=w, bias=b, residual=r,
+                        residual_weight=rbn["residual_weight"],
+                        residual_bias=rbn["residual_bias"], save_stats=stats,
+                        residual_bn=res_bn, batch_stats=True, relu=True, backend=backend),
                 }
                 E = x.numel() * x.element_size()
                 n_in = 2 if has_res else 1

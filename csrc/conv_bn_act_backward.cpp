@@ -85,7 +85,7 @@ void conv_bn_act_backward_kernel(const c10::OperatorHandle& op, torch::jit::Stac
     std::tie(grad_input, grad_in_weight, grad_in_bias, std::ignore, std::ignore, std::ignore) =
         bn_act_backward.call(grad_input, x, in_weight, in_bias, std::nullopt, std::nullopt,
                              std::nullopt, in_stats->to(acc_options(x).dtype().toScalarType()).unsqueeze(0),
-                             /*residual_bn=*/false, /*training=*/true, in_relu, backend);
+                             /*residual_bn=*/false, /*batch_stats=*/true, in_relu, backend);
     grad_input = grad_input.contiguous(fmt);
   }
   a.finish({grad_input, grad_weight.contiguous(memory_format_of(weight)),

@@ -76,7 +76,7 @@ struct BnActFunction : public FusedFunction<BnActFunction, BnActBackwardSig> {
       const OptTensor& num_batches_tracked, const OptTensor& residual,
       const OptTensor& residual_weight, const OptTensor& residual_bias,
       const OptTensor& residual_running_mean, const OptTensor& residual_running_var,
-      const OptTensor& residual_num_batches_tracked, bool residual_bn, bool training,
+      const OptTensor& residual_num_batches_tracked, bool residual_bn, bool batch_stats,
       double momentum, double eps, bool relu, const std::string& backend) {
     static const auto op = op_handle<BnActSig>("resnet_fast::bn_act");
     Tensor out, save_stats;
@@ -85,7 +85,7 @@ struct BnActFunction : public FusedFunction<BnActFunction, BnActBackwardSig> {
       std::tie(out, save_stats) =
           op.call(input, weight, bias, running_mean, running_var, num_batches_tracked,
                   residual, residual_weight, residual_bias, residual_running_mean,
-                  residual_running_var, residual_num_batches_tracked, residual_bn, training,
+                  residual_running_var, residual_num_batches_tracked, residual_bn, batch_stats,
                   momentum, eps, relu, backend);
     }
     ctx->mark_non_differentiable({save_stats});
@@ -94,7 +94,7 @@ struct BnActFunction : public FusedFunction<BnActFunction, BnActBackwardSig> {
                             or_undefined(residual), or_undefined(residual_weight),
                             or_undefined(residual_bias), save_stats});
     ctx->saved_data["residual_bn"] = residual_bn;
-    ctx->saved_data["training"] = training;
+    ctx->saved_data["batch_stats"] = batch_stats;
     ctx->saved_data["relu"] = relu;
     ctx->saved_data["backend"] = backend;
     return {out, save_stats};
@@ -107,7 +107,7 @@ struct BnActFunction : public FusedFunction<BnActFunction, BnActBackwardSig> {
     auto [gx, gw, gb, gr, grw, grb] =
         op.call(grad_out, input, given(weight), given(bias), given(residual),
                 given(residual_weight), given(residual_bias), saved[6],
-                data["residual_bn"].toBool(), data["training"].toBool(), data["relu"].toBool(),
+                data["residual_bn"].toBool(), data["batch_stats"].toBool(), data["relu"].toBool(),
                 data["backend"].toStringRef());
     grads[0] = gx;
     grads[1] = grad_for(weight, gw);
@@ -124,14 +124,14 @@ std::tuple<Tensor, Tensor> bn_act_autograd(
     const OptTensor& num_batches_tracked, const OptTensor& residual,
     const OptTensor& residual_weight, const OptTensor& residual_bias,
     const OptTensor& residual_running_mean, const OptTensor& residual_running_var,
-    const OptTensor& residual_num_batches_tracked, bool residual_bn, bool training,
+    const OptTensor& residual_num_batches_tracked, bool residual_bn, bool batch_stats,
     double momentum, double eps, bool relu, c10::string_view backend) {
   const variable_list outputs = BnActFunction::apply(
       input, weight, bias, running_mean, running_var, num_batches_tracked, residual,
       residual_weight, residual_bias, residual_running_mean, residual_running_var,
-      residual_num_batches_tracked, residual_bn, training, momentum, eps, relu,
+      residual_num_batches_tracked, residual_bn, batch_stats, momentum, eps, relu,
       std::string(backend));
-  if (training) {
+  if (batch_stats) {
     bump_versions({&running_mean, &running_var, &num_batches_tracked, &residual_running_mean,
                    &residual_running_var, &residual_num_batches_tracked});
   }
@@ -237,12 +237,12 @@ TORCH_LIBRARY(resnet_fast, m) {
       "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, Tensor? residual, "
       "Tensor? residual_weight, Tensor? residual_bias, Tensor(d!)? residual_running_mean, "
       "Tensor(e!)? residual_running_var, Tensor(f!)? residual_num_batches_tracked, "
-      "bool residual_bn, bool training, float momentum, float eps, bool relu, str backend) "
+      "bool residual_bn, bool batch_stats, float momentum, float eps, bool relu, str backend) "
       "-> (Tensor, Tensor)");
   m.def(
       "bn_act_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, "
       "Tensor? residual, Tensor? residual_weight, Tensor? residual_bias, Tensor save_stats, "
-      "bool residual_bn, bool training, bool relu, str backend) "
+      "bool residual_bn, bool batch_stats, bool relu, str backend) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "conv_bn_act(Tensor input, Tensor weight, Tensor? conv_bias, int[] stride, int[] padding, "

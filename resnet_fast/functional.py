@@ -201,25 +201,12 @@ def _fused(
     # and the running statistics and batch counters (when given) are updated by the op.
     batch_stats = training or bn.running_mean is None
     out, _save_stats = ops.bn_act(
-        input,
-        bn.weight,
-        bn.bias,
-        bn.running_mean,
-        bn.running_var,
-        bn.num_batches_tracked,
-        residual,
-        rb.weight,
-        rb.bias,
-        rb.running_mean,
-        rb.running_var,
-        rb.num_batches_tracked,
-        residual_bn is not None,
-        batch_stats,
-        factors[0],
-        eps,
-        True,
-        name,
-    )
+        input=input, weight=bn.weight, bias=bn.bias, running_mean=bn.running_mean,
+        running_var=bn.running_var, num_batches_tracked=bn.num_batches_tracked,
+        residual=residual, residual_weight=rb.weight, residual_bias=rb.bias,
+        residual_running_mean=rb.running_mean, residual_running_var=rb.running_var,
+        residual_num_batches_tracked=rb.num_batches_tracked, residual_bn=residual_bn is not None,
+        batch_stats=batch_stats, momentum=factors[0], eps=eps, relu=True, backend=name)
     return out
 
 
@@ -379,9 +366,11 @@ class DeferredBatchNorm(NamedTuple):
             y = F.batch_norm(self.raw, None, None, self.weight, self.bias, True, 0.0, self.eps)
             return F.relu(y) if self.relu else y
         return ops.bn_act(
-            self.raw, self.weight, self.bias, None, None, None, None, None, None, None, None,
-            None, False, True, 0.0, self.eps, self.relu, self.backend,
-        )[0]
+            input=self.raw, weight=self.weight, bias=self.bias, running_mean=None,
+            running_var=None, num_batches_tracked=None, residual=None, residual_weight=None,
+            residual_bias=None, residual_running_mean=None, residual_running_var=None,
+            residual_num_batches_tracked=None, residual_bn=False, batch_stats=True, momentum=0.0,
+            eps=self.eps, relu=self.relu, backend=self.backend)[0]
 
 
 def _pair(name: str, value, minimum: int) -> tuple[int, int]:
@@ -587,14 +576,16 @@ def conv_bn_relu(
                *((deferred.weight, deferred.bias) if deferred is not None else ()))
     save_raw = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors)
-    prologue = ((deferred.weight, deferred.bias, deferred.stats, deferred.relu)
-                if deferred is not None else (None, None, None, False))
+    prologue = (dict(in_weight=deferred.weight, in_bias=deferred.bias, in_stats=deferred.stats,
+                     in_relu=deferred.relu) if deferred is not None
+                else dict(in_weight=None, in_bias=None, in_stats=None, in_relu=False))
     out, _raw, save_stats = ops.conv_bn_act(
-        x, conv_weight, conv_bias, list(stride), list(padding), list(dilation), groups,
-        *prologue,
-        bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, residual,
-        batch_stats, factor, eps, relu, defer, save_raw, bool(recompute), name,
-    )
+        input=x, weight=conv_weight, conv_bias=conv_bias, stride=list(stride),
+        padding=list(padding), dilation=list(dilation), groups=groups, **prologue,
+        bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean, running_var=running_var,
+        num_batches_tracked=num_batches_tracked, residual=residual, batch_stats=batch_stats,
+        momentum=factor, eps=eps, relu=relu, defer=defer, save_raw=save_raw,
+        recompute=bool(recompute), backend=name)
     if defer:
         return DeferredBatchNorm(out, save_stats, bn_weight, bn_bias, relu, eps, name)
     return out

@@ -13,9 +13,10 @@ device and backend:
     ``out = act(batch_norm(input) + r_term)`` with ``r_term`` = 0, ``residual``, or
     ``batch_norm(residual)`` when ``residual_bn``. Returns ``(out, save_stats)``:
     ``save_stats`` is ``(B, 2, C)`` (mean, invstd) per BatchNorm branch (``B`` = 2 with
-    ``residual_bn``), the statistics backward needs. In training the running means and variances
-    given are updated in place and the batch counters (``num_batches_tracked``) incremented, as
-    ``nn.BatchNorm2d`` does; ``momentum`` is the exponential-average factor to update with.
+    ``residual_bn``), the statistics backward needs. With ``batch_stats`` the running means and
+    variances given are updated in place and the batch counters (``num_batches_tracked``)
+    incremented, as ``nn.BatchNorm2d`` does; ``momentum`` is the exponential-average factor to
+    update with.
 ``resnet_fast::bn_act_backward`` (functional)
     The gradients of ``bn_act``; its autograd formula calls it.
 
@@ -129,7 +130,7 @@ def _bn_act_forward(
     residual_running_mean: Optional[Tensor],
     residual_running_var: Optional[Tensor],
     residual_bn: bool,
-    training: bool,
+    batch_stats: bool,
     momentum: float,
     eps: float,
     relu: bool,
@@ -143,7 +144,7 @@ def _bn_act_forward(
         x, w, b, _per_channel(running_mean, acc), _per_channel(running_var, acc),
         r, rw, rb, _per_channel(residual_running_mean, acc),
         _per_channel(residual_running_var, acc),
-        residual_bn, training, momentum, eps, relu,
+        residual_bn, batch_stats, momentum, eps, relu,
     )
 
 
@@ -151,7 +152,7 @@ def _bn_act_forward(
 def _bn_act_fake(
     input, weight, bias, running_mean, running_var, num_batches_tracked, residual,
     residual_weight, residual_bias, residual_running_mean, residual_running_var,
-    residual_num_batches_tracked, residual_bn, training, momentum, eps, relu, backend,
+    residual_num_batches_tracked, residual_bn, batch_stats, momentum, eps, relu, backend,
 ):
     acc = acc_dtype_of(input.dtype)
     C = input.shape[1]
@@ -171,7 +172,7 @@ def _bn_act_backward(
     residual_bias: Optional[Tensor],
     save_stats: Tensor,
     residual_bn: bool,
-    training: bool,
+    batch_stats: bool,
     relu: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -180,14 +181,14 @@ def _bn_act_backward(
     w, b, rw, rb = _affine_params(x, x.shape[1], acc, weight, bias, residual_weight,
                                   residual_bias, residual_bn)
     return _backend_kernels(backend)[1](
-        g, x, w, b, r, rw, rb, save_stats.contiguous(), residual_bn, training, relu
+        g, x, w, b, r, rw, rb, save_stats.contiguous(), residual_bn, batch_stats, relu
     )
 
 
 @torch.library.register_fake("resnet_fast::bn_act_backward")
 def _bn_act_backward_fake(
     grad_out, input, weight, bias, residual, residual_weight, residual_bias, save_stats,
-    residual_bn, training, relu, backend,
+    residual_bn, batch_stats, relu, backend,
 ):
     acc = acc_dtype_of(input.dtype)
     C = input.shape[1]
@@ -452,13 +453,13 @@ def _update_running(tracks: bool, new_running: Tensor, running: Sequence[Optiona
 
 def _bn_act_kernel(input, weight, bias, running_mean, running_var, num_batches_tracked, residual,
                    residual_weight, residual_bias, residual_running_mean, residual_running_var,
-                   residual_num_batches_tracked, residual_bn, training, momentum, eps, relu,
+                   residual_num_batches_tracked, residual_bn, batch_stats, momentum, eps, relu,
                    backend):
     out, save_stats, new_running = _bn_act_forward(
         input, weight, bias, running_mean, running_var, residual, residual_weight,
-        residual_bias, residual_running_mean, residual_running_var, residual_bn, training,
+        residual_bias, residual_running_mean, residual_running_var, residual_bn, batch_stats,
         momentum, eps, relu, backend)
-    _update_running(training and running_mean is not None, new_running,
+    _update_running(batch_stats and running_mean is not None, new_running,
                     (running_mean, running_var, residual_running_mean, residual_running_var),
                     (num_batches_tracked, residual_num_batches_tracked))
     return out, save_stats

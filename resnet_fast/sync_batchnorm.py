@@ -122,8 +122,11 @@ class _SyncBatchNormAct(torch.autograd.Function):
         mean, var = mean.to(acc), var.to(acc)
         if x.numel():
             out, save_stats = ops.bn_act(
-                x, weight, bias, mean, var, None, residual, None, None, None, None, None,
-                False, False, 0.0, eps, relu, backend)
+                input=x, weight=weight, bias=bias, running_mean=mean, running_var=var,
+                num_batches_tracked=None, residual=residual, residual_weight=None,
+                residual_bias=None, residual_running_mean=None, residual_running_var=None,
+                residual_num_batches_tracked=None, residual_bn=False, batch_stats=False,
+                momentum=0.0, eps=eps, relu=relu, backend=backend)
         else:  # an empty share of the batch: nothing to normalise, the collectives still run
             out = torch.empty_like(x)
             save_stats = torch.stack([mean, torch.rsqrt(var + eps)]).unsqueeze(0)
@@ -137,8 +140,9 @@ class _SyncBatchNormAct(torch.autograd.Function):
         acc = mean.dtype
         if x.numel():
             grad_local, grad_weight, grad_bias, grad_residual, _, _ = ops.bn_act_backward(
-                grad_out, x, weight, bias, residual, None, None, save_stats, False, False,
-                ctx.relu, ctx.backend)
+                grad_out=grad_out, input=x, weight=weight, bias=bias, residual=residual,
+                residual_weight=None, residual_bias=None, save_stats=save_stats,
+                residual_bn=False, batch_stats=False, relu=ctx.relu, backend=ctx.backend)
         else:
             grad_local, grad_residual = torch.empty_like(x), torch.empty_like(x)
             grad_weight = grad_bias = x.new_zeros(x.shape[1], dtype=acc)
@@ -152,8 +156,11 @@ class _SyncBatchNormAct(torch.autograd.Function):
         k_c = -scale * sums[0] / n
         if x.numel():
             grad_input = ops.bn_act(
-                x, k_xhat, k_c, mean, var, None, grad_local, None, None, None, None, None,
-                False, False, 0.0, ctx.eps, False, ctx.backend)[0]
+                input=x, weight=k_xhat, bias=k_c, running_mean=mean, running_var=var,
+                num_batches_tracked=None, residual=grad_local, residual_weight=None,
+                residual_bias=None, residual_running_mean=None, residual_running_var=None,
+                residual_num_batches_tracked=None, residual_bn=False, batch_stats=False,
+                momentum=0.0, eps=ctx.eps, relu=False, backend=ctx.backend)[0]
         else:
             grad_input = grad_local
         return (grad_input,
@@ -252,9 +259,12 @@ class SyncBatchNorm(FusedModule, _BatchNorm):
                                       num_batches_tracked), input, batch_stats)
         factor = reference._momentum_factor(self.momentum, batch_stats, running_mean,
                                             num_batches_tracked, count=False)
-        return ops.bn_act(input, self.weight, self.bias, running_mean, running_var,
-                          num_batches_tracked, residual, None, None, None, None, None, False,
-                          batch_stats, factor, self.eps, relu, backend)[0]
+        return ops.bn_act(
+            input=input, weight=self.weight, bias=self.bias, running_mean=running_mean,
+            running_var=running_var, num_batches_tracked=num_batches_tracked, residual=residual,
+            residual_weight=None, residual_bias=None, residual_running_mean=None,
+            residual_running_var=None, residual_num_batches_tracked=None, residual_bn=False,
+            batch_stats=batch_stats, momentum=factor, eps=self.eps, relu=relu, backend=backend)[0]
 
 
 def is_fusable_sync_batch_norm(bn: Any, *, convertible: bool = False) -> bool:

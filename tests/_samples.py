@@ -57,12 +57,12 @@ def args_of(op, named: dict) -> tuple:
     return tuple(named[a.name] for a in op._schema.arguments)
 
 
-def bn_act_args(mode: str, training: bool, track: bool, *, backend: str, device,
+def bn_act_args(mode: str, batch_stats: bool, track: bool, *, backend: str, device,
                 shape=BN_ACT_SHAPE, dtype=torch.float32,
                 memory_format=torch.contiguous_format, requires_grad: bool = True) -> tuple:
     """The 18 arguments of resnet_fast::bn_act for a residual ``mode``: 'none', 'add' or 'bn'
-    (the residual batch-normalised too, as behind a downsample). ``training`` is the op's (batch
-    statistics); ``track`` gives running statistics and batch counters."""
+    (the residual batch-normalised too, as behind a downsample) with the op's ``batch_stats``;
+    ``track`` gives running statistics and batch counters."""
     torch.manual_seed(0)
     acc = ops.acc_dtype_of(dtype)
     x = torch.randn(shape, dtype=dtype, device=device).contiguous(
@@ -77,7 +77,7 @@ def bn_act_args(mode: str, training: bool, track: bool, *, backend: str, device,
     res = bn() if mode == "bn" else NO_BATCH_NORM
     return (x, main.weight, main.bias, main.running_mean, main.running_var,
             main.num_batches_tracked, r, res.weight, res.bias, res.running_mean,
-            res.running_var, res.num_batches_tracked, mode == "bn", training, 0.1, 1e-5, True,
+            res.running_var, res.num_batches_tracked, mode == "bn", batch_stats, 0.1, 1e-5, True,
             backend)
 
 
@@ -111,8 +111,8 @@ def conv_bn_act_args(mode: str, *, backend: str, device, dtype=torch.float32,
     r = (torch.randn(2, Cout, 3, 3, dtype=dtype, device=device).contiguous(
         memory_format=memory_format).requires_grad_(grad) if residual else None)
     bn = batch_norm_state(Cout, device=device, dtype=acc, requires_grad=grad)
-    training = mode not in ("eval", "eval_inference")
+    batch_stats = mode not in ("eval", "eval_inference")
     return (x, w, conv_bias, [2, 2], [1, 1], [1, 1], 1, *prologue, True,
             bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, r,
-            training, 0.1, 1e-5, mode != "residual", mode == "defer",
+            batch_stats, 0.1, 1e-5, mode != "residual", mode == "defer",
             mode != "eval_inference", mode == "recompute", backend)

@@ -13,40 +13,41 @@ OPCHECK_CASES = [
 ]
 
 
-@pytest.mark.parametrize("mode,training,track", OPCHECK_CASES)
+@pytest.mark.parametrize("mode,batch_stats,track", OPCHECK_CASES)
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_opcheck_bn_act(backend, device, mode, training, track, memory_format):
-    args = bn_act_args(mode, training, track, backend=backend, device=device,
+def test_opcheck_bn_act(backend, device, mode, batch_stats, track, memory_format):
+    args = bn_act_args(mode, batch_stats, track, backend=backend, device=device,
                        memory_format=memory_format)
     torch.library.opcheck(ops.bn_act, args)
 
 
-@pytest.mark.parametrize("mode,training,track", OPCHECK_CASES[:6])
-def test_opcheck_bn_act_backward(backend, device, mode, training, track):
-    args = by_name(ops.bn_act, bn_act_args(mode, training, track, backend=backend,
+@pytest.mark.parametrize("mode,batch_stats,track", OPCHECK_CASES[:6])
+def test_opcheck_bn_act_backward(backend, device, mode, batch_stats, track):
+    args = by_name(ops.bn_act, bn_act_args(mode, batch_stats, track, backend=backend,
                                            device=device, requires_grad=False))
-    out, save_stats = ops.bn_act(*args.values())
+    out, save_stats = ops.bn_act(**args)
     torch.library.opcheck(ops.bn_act_backward, args_of(
         ops.bn_act_backward, dict(args, grad_out=torch.randn_like(out), save_stats=save_stats)))
 
 
 @pytest.mark.parametrize("mode", ["none", "add", "bn"])
-@pytest.mark.parametrize("training,track", [(True, True), (False, True), (True, False)])
-def test_gradcheck_float64(backend, device, interpreted, mode, training, track):
+@pytest.mark.parametrize("batch_stats,track", [(True, True), (False, True), (True, False)])
+def test_gradcheck_float64(backend, device, interpreted, mode, batch_stats, track):
     """float64 gradcheck of resnet_fast::bn_act for every residual mode: batch statistics with
     and without running statistics, and eval with running statistics (the fast, random
     projection mode under Triton's interpreter, which runs each call in Python)."""
-    args = bn_act_args(mode, training, track, backend=backend, device=device, shape=(2, 3, 3, 2),
-                       dtype=torch.float64)
+    args = by_name(ops.bn_act, bn_act_args(mode, batch_stats, track, backend=backend,
+                                           device=device, shape=(2, 3, 3, 2),
+                                           dtype=torch.float64))
 
     def f(*tensors):
         # Running statistics are buffers: gradcheck must not see them change between calls.
         it = iter(tensors)
-        call = [next(it) if isinstance(a, torch.Tensor) and a.requires_grad else
-                (a.clone() if isinstance(a, torch.Tensor) else a) for a in args]
-        return ops.bn_act(*call)[0]
+        call = {n: next(it) if isinstance(a, torch.Tensor) and a.requires_grad else
+                (a.clone() if isinstance(a, torch.Tensor) else a) for n, a in args.items()}
+        return ops.bn_act(**call)[0]
 
-    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    inputs = [a for a in args.values() if isinstance(a, torch.Tensor) and a.requires_grad]
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, fast_mode=interpreted)
 
 
@@ -96,13 +97,13 @@ def test_opcheck_conv_bn_act_backward(backend, device, mode, input_grad):
     gradients empty."""
     args = by_name(ops.conv_bn_act, conv_bn_act_args(mode, backend=backend, device=device,
                                                      requires_grad=False))
-    out, raw, save_stats = ops.conv_bn_act(*args.values())
+    out, raw, save_stats = ops.conv_bn_act(**args)
     assert (raw.numel() == 0) == (args["defer"] or args["recompute"])
     backward_args = args_of(ops.conv_bn_act_backward, dict(
         args, grad_out=torch.randn_like(out), raw=raw, save_stats=save_stats,
         input_grad=input_grad))
     torch.library.opcheck(ops.conv_bn_act_backward, backward_args)
-    grads = ops.conv_bn_act_backward(*backward_args)
+    grads = ops.conv_bn_act_backward(**by_name(ops.conv_bn_act_backward, backward_args))
     assert [g.numel() > 0 for g in grads[:5]] == [
         input_grad, True, args["conv_bias"] is not None,
         input_grad and args["in_stats"] is not None, input_grad and args["in_stats"] is not None]
@@ -199,7 +200,7 @@ def test_ops_update_running_statistics_in_place(backend, device, training):
     for op, named, branches in cases:
         before = [([named[n].clone() for n in names[:2]], named[names[2]].item(),
                    [named[n]._version for n in names]) for names, _ in branches]
-        outputs = op(*named.values())
+        outputs = op(**named)
         for (names, source), ((mean0, var0), count0, versions0) in zip(branches, before):
             stats = [named[n] for n in names]
             if not training:
@@ -243,4 +244,4 @@ def test_kernel_errors_keep_their_type(backend_name):
                                                      device=torch.device("cpu")))
     args.update(defer=True, batch_stats=False)
     with pytest.raises(ValueError, match="defer=True needs batch statistics"):
-        ops.conv_bn_act(*args.values())
+        ops.conv_bn_act(**args)

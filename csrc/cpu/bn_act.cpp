@@ -553,9 +553,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(const BnActFor
                     rm[br]->has_value() == a.running_mean.has_value(),
                 "resnet_fast cpu backend: running statistics must be given for every branch or none");
   }
-  TORCH_CHECK(in.training || a.running_mean.has_value(),
+  TORCH_CHECK(in.batch_stats || a.running_mean.has_value(),
               "resnet_fast cpu backend: eval needs running statistics");
-  const bool tracks = in.training && a.running_mean.has_value();
+  const bool tracks = in.batch_stats && a.running_mean.has_value();
 
   at::Tensor save_stats = at::empty({p.B, 2, C}, p.acc);
   at::Tensor new_running = tracks ? at::empty({p.B, 2, C}, p.acc) : at::empty({0}, p.acc);
@@ -566,7 +566,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(const BnActFor
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* rp = in.residual.has_value() ? in.residual->data_ptr<scalar_t>() : nullptr;
     acc_t* stats = save_stats.data_ptr<acc_t>();
-    if (in.training) {
+    if (in.batch_stats) {
       batch_statistics<scalar_t, acc_t>(p.s, p.cl, xp, in.residual_bn ? rp : nullptr, rm, rv,
                                         tracks, a.momentum, a.eps, stats,
                                         tracks ? new_running.data_ptr<acc_t>() : nullptr);
@@ -654,7 +654,7 @@ bn_act_backward_cpu(const BnActBackwardArgs& a) {
         const acc_t invstd = stats[(br * 2 + 1) * C + c];
         gb[br][c] = sum_g;
         gw[br][c] = bn_weight_grad(gc, invstd);
-        bn_backward_coeffs<acc_t>(m, sum_g, gc, invstd, in.training, k + (2 * br) * C + c,
+        bn_backward_coeffs<acc_t>(m, sum_g, gc, invstd, in.batch_stats, k + (2 * br) * C + c,
                                   k + (2 * br + 1) * C + c);
       }
     }
@@ -666,7 +666,7 @@ bn_act_backward_cpu(const BnActBackwardArgs& a) {
       constexpr bool kCL = decltype(cl_c)::value;
       const BackwardApply<kMode, kCL, acc_t, scalar_t> f{
           dyp, xp, rp, dxp, drp, as_layout<kCL>(affine_view(aff, C)), {stats + C},
-          {stats + 3 * C}, {k}, {k + C}, {k + 2 * C}, {k + 3 * C}, in.relu, in.training};
+          {stats + 3 * C}, {k}, {k + C}, {k + 2 * C}, {k + 3 * C}, in.relu, in.batch_stats};
       for_each_element<kCL, acc_t>(p.s, f);
     });
   });

@@ -16,7 +16,7 @@ struct BnActInputs {
   at::Tensor x, weight, bias;
   std::optional<at::Tensor> residual, residual_weight, residual_bias;
   bool residual_bn;
-  bool training;
+  bool batch_stats;
   bool relu;
 };
 

@@ -50,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_act_forward_c
   const BnActInputs in{raw, affine_param(a.optional("bn_weight"), Cout, 1.0, acc),
                        affine_param(a.optional("bn_bias"), Cout, 0.0, acc),
                        dense(a.optional("residual"), fmt), std::nullopt, std::nullopt,
-                       /*residual_bn=*/false, /*training=*/batch_stats, a.flag("relu")};
+                       /*residual_bn=*/false, batch_stats, a.flag("relu")};
   auto [out, save_stats, new_running] =
       bn_act_forward_cpu({in, rm, rv, std::nullopt, std::nullopt, momentum, eps});
   return {out, raw, save_stats[0], new_running.numel() ? new_running[0] : empty_acc(x)};

@@ -89,10 +89,10 @@ struct BnActOperands {
         residual_weight(residual_param(a, "residual_weight", 1.0)),
         residual_bias(residual_param(a, "residual_bias", 0.0)) {}
 
-  // The kernels' inputs: these with the call's training and relu flags.
+  // The kernels' inputs: these with the call's batch_stats and relu flags.
   BnActInputs inputs(const StackArgs& a) const {
     return {input, weight, bias, residual, residual_weight, residual_bias, residual_bn,
-            a.flag("training"), a.flag("relu")};
+            a.flag("batch_stats"), a.flag("relu")};
   }
 
   const at::MemoryFormat fmt;
@@ -119,7 +119,7 @@ void bn_act_kernel(const c10::OperatorHandle& op, Stack* stack) {
   auto [out, save_stats, new_running] = bn_act_forward_cpu(
       {o.inputs(a), per_channel(rm, o.acc), per_channel(rv, o.acc), per_channel(rrm, o.acc),
        per_channel(rrv, o.acc), a.real("momentum"), a.real("eps")});
-  if (a.flag("training") && rm.has_value()) {
+  if (a.flag("batch_stats") && rm.has_value()) {
     update_running(new_running, {rm, rv, rrm, rrv},
                    {a.optional("num_batches_tracked"), a.optional("residual_num_batches_tracked")});
   }

@@ -130,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cuda(
     const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& residual_weight,
     const std::optional<at::Tensor>& residual_bias,
     const std::optional<at::Tensor>& residual_running_mean,
-    const std::optional<at::Tensor>& residual_running_var, bool residual_bn, bool training,
+    const std::optional<at::Tensor>& residual_running_var, bool residual_bn, bool batch_stats,
     double momentum, double eps, bool relu) {
   const ActivationShape shape = activation_shape(x);
   const c10::cuda::CUDAGuard device_guard(x.device());
@@ -140,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cuda(
   check_optional_per_channel("running_var", running_var, x);
   RF_CHECK(running_mean.has_value() == running_var.has_value(),
            "running_mean and running_var must be given together");
-  RF_CHECK(training || running_mean.has_value(), "eval needs running statistics");
+  RF_CHECK(batch_stats || running_mean.has_value(), "eval needs running statistics");
   check_residual(x, residual, residual_weight, residual_bias, residual_bn);
   if (residual_bn) {
     check_optional_per_channel("residual_running_mean", residual_running_mean, x);
@@ -151,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cuda(
   }
 
   const int64_t branches = residual_bn ? 2 : 1;
-  const bool tracks = training && running_mean.has_value();
+  const bool tracks = batch_stats && running_mean.has_value();
   const auto acc_options = x.options().dtype(acc_dtype(x));
   at::Tensor out = empty_like_input(x);
   at::Tensor save_stats = at::empty({branches, 2, shape.C}, acc_options);
@@ -176,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cuda(
   p.save_stats = save_stats.data_ptr();
   p.new_running = tracks ? new_running.data_ptr() : nullptr;
   p.residual_bn = residual_bn;
-  p.training = training;
+  p.batch_stats = batch_stats;
   p.relu = relu;
   p.momentum = momentum;
   p.eps = eps;
@@ -191,7 +191,7 @@ bn_act_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::
                      const at::Tensor& bias, const std::optional<at::Tensor>& residual,
                      const std::optional<at::Tensor>& residual_weight,
                      const std::optional<at::Tensor>& residual_bias,
-                     const at::Tensor& save_stats, bool residual_bn, bool training, bool relu) {
+                     const at::Tensor& save_stats, bool residual_bn, bool batch_stats, bool relu) {
   const ActivationShape shape = activation_shape(x);
   const c10::cuda::CUDAGuard device_guard(x.device());
   check_like_input("grad_out", grad_out, x);
@@ -233,7 +233,7 @@ bn_act_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::
     p.grad_residual_bias = grad_residual_bias.data_ptr();
   }
   p.residual_bn = residual_bn;
-  p.training = training;
+  p.batch_stats = batch_stats;
   p.relu = relu;
   launch_with_scratch(p, x, bn_act_backward_scratch_bytes, bn_act_backward_launch);
   return {grad_input, grad_weight, grad_bias, grad_residual, grad_residual_weight,
@@ -250,7 +250,7 @@ void register_cuda_bindings(pybind11::module_& m) {
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("running_mean"),
         py::arg("running_var"), py::arg("residual"), py::arg("residual_weight"),
         py::arg("residual_bias"), py::arg("residual_running_mean"),
-        py::arg("residual_running_var"), py::arg("residual_bn"), py::arg("training"),
+        py::arg("residual_running_var"), py::arg("residual_bn"), py::arg("batch_stats"),
         py::arg("momentum"), py::arg("eps"), py::arg("relu"));
   m.def("bn_act_backward_cuda", &cuda::bn_act_backward_cuda,
         "Gradients of the fused BatchNorm (+ residual) + ReLU on CUDA tensors; returns "
@@ -258,7 +258,7 @@ void register_cuda_bindings(pybind11::module_& m) {
         "grad_residual_bias)",
         py::arg("grad_out"), py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("residual"), py::arg("residual_weight"), py::arg("residual_bias"),
-        py::arg("save_stats"), py::arg("residual_bn"), py::arg("training"), py::arg("relu"));
+        py::arg("save_stats"), py::arg("residual_bn"), py::arg("batch_stats"), py::arg("relu"));
 }
 
 }  // namespace resnet_fast

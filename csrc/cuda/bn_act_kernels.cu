@@ -309,7 +309,7 @@ struct ForwardStatsOp {
 };
 
 // Forward, elementwise pass: out = act((x - mean) * scale + bias + r_term). Its prologue turns
-// the shifted sums (training) or the running statistics (eval) into mean/invstd, writes
+// the shifted sums (batch_stats) or the running statistics (otherwise) into mean/invstd, writes
 // save_stats and new_running, and gives each channel its mean, scale and bias. Inputs: x [, r];
 // output: out.
 template <typename T, int kMode>
@@ -330,10 +330,10 @@ struct ForwardApplyOp {
   // Per branch (x, then the BatchNorm'ed residual): (C,) arrays.
   const acc_t* weight[kBranches];
   const acc_t* bias[kBranches];
-  const acc_t* running_mean[kBranches];  // null in training when not tracked
+  const acc_t* running_mean[kBranches];  // null with batch_stats when not tracked
   const acc_t* running_var[kBranches];
   acc_t* save_stats;   // (B, 2, C)
-  acc_t* new_running;  // (B, 2, C), null unless training and tracked
+  acc_t* new_running;  // (B, 2, C), null unless batch_stats and tracked
   int64_t channels;
   int64_t pivot_stride;
   acc_t m;  // values per channel, N*HW
@@ -783,7 +783,7 @@ auto dispatch_forward(const BnActForwardParams& p, F&& f) {
 
 template <typename T>
 size_t forward_scratch_bytes(const BnActForwardParams& p) {
-  if (!p.training) return 0;
+  if (!p.batch_stats) return 0;
   return dispatch_forward<T>(p, [&](auto v_c, auto cl_c, auto mode_c) {
     return reduce_scratch_bytes<ForwardStatsOpFor<T, decltype(mode_c)::value>>(
         v_c, cl_c, p.shape, p.sm_count);
@@ -802,7 +802,7 @@ cudaError_t forward_launch(const BnActForwardParams& p, void* scratch, size_t sc
   return dispatch_forward<T>(p, [&](auto v_c, auto cl_c, auto mode_c) -> cudaError_t {
     constexpr int kMode = decltype(mode_c)::value;
     int partial_splits = 0;
-    if (p.training) {
+    if (p.batch_stats) {
       using StatsOp = ForwardStatsOpFor<T, kMode>;
       StatsOp op{};
       op.input[0] = x;
@@ -822,13 +822,13 @@ cudaError_t forward_launch(const BnActForwardParams& p, void* scratch, size_t sc
     set_branches(op.running_mean, p.running_mean, p.residual_running_mean);
     set_branches(op.running_var, p.running_var, p.residual_running_var);
     op.save_stats = static_cast<acc_t*>(p.save_stats);
-    op.new_running = p.training ? static_cast<acc_t*>(p.new_running) : nullptr;
+    op.new_running = p.batch_stats ? static_cast<acc_t*>(p.new_running) : nullptr;
     op.channels = s.C;
     op.pivot_stride = pivot_stride;
     op.m = static_cast<acc_t>(values_per_channel(s));
     op.eps = static_cast<acc_t>(p.eps);
     op.momentum = static_cast<acc_t>(p.momentum);
-    op.batch_stats = p.training;
+    op.batch_stats = p.batch_stats;
     op.relu = p.relu;
     return launch_apply(op, v_c, cl_c, s, p.sm_count, partials, partial_splits, stream);
   });
@@ -894,7 +894,7 @@ cudaError_t backward_launch(const BnActBackwardParams& p, void* scratch, size_t 
     set_branches(op.grad_weight, p.grad_weight, p.grad_residual_weight);
     set_branches(op.grad_bias, p.grad_bias, p.grad_residual_bias);
     op.m = static_cast<acc_t>(values_per_channel(s));
-    op.batch_stats = p.training;
+    op.batch_stats = p.batch_stats;
     return launch_apply(op, v_c, cl_c, s, p.sm_count, partials, sum_splits, stream);
   });
 }

@@ -43,7 +43,7 @@ struct BnActForwardParams {
   void* out = nullptr;
   const void* weight = nullptr;
   const void* bias = nullptr;
-  // Training: both given iff the running statistics are tracked. Eval: always given.
+  // With batch_stats: both given iff the running statistics are tracked; otherwise always given.
   const void* running_mean = nullptr;
   const void* running_var = nullptr;
   // residual_bn only: the residual's BatchNorm parameters and running statistics.
@@ -52,9 +52,9 @@ struct BnActForwardParams {
   const void* residual_running_mean = nullptr;
   const void* residual_running_var = nullptr;
   void* save_stats = nullptr;   // [b][0] mean, [b][1] invstd
-  void* new_running = nullptr;  // [b][0] mean, [b][1] var; null unless training and tracked
+  void* new_running = nullptr;  // [b][0] mean, [b][1] var; null unless batch_stats and tracked
   bool residual_bn = false;
-  bool training = false;
+  bool batch_stats = false;
   bool relu = true;
   double momentum = 0.1;
   double eps = 1e-5;
@@ -79,7 +79,7 @@ struct BnActBackwardParams {
   void* grad_residual_weight = nullptr;  // (C,), residual_bn only
   void* grad_residual_bias = nullptr;    // (C,), residual_bn only
   bool residual_bn = false;
-  bool training = true;
+  bool batch_stats = true;
   bool relu = true;
   int sm_count = 1;
 };

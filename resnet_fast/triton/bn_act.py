@@ -235,18 +235,18 @@ def _store_partial(partials_ptr, k, tile, c, c_mask, C, NUM_SUMS: tl.constexpr,
 @triton.jit
 def _bn_channel_stats(src_ptr, running_mean_ptr, running_var_ptr, partials_ptr, save_stats_ptr,
                       new_running_ptr, branch, c, c_mask, store_mask, C, HW, M, num_partials,
-                      eps, momentum, TRAINING: tl.constexpr, TRACK_RUNNING: tl.constexpr,
+                      eps, momentum, BATCH_STATS: tl.constexpr, TRACK_RUNNING: tl.constexpr,
                       NUM_SUMS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                       PARTIAL_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
     """(mean, invstd) of one BatchNorm branch (0: x, 1: the residual) for channels c.
 
-    Training: from the pivot-shifted partial sums 2*branch, 2*branch+1 (pivot re-read from
-    src_ptr), plus the running update; eval: from the running statistics. The first row of
+    BATCH_STATS: from the pivot-shifted partial sums 2*branch, 2*branch+1 (pivot re-read from
+    src_ptr), plus the running update; otherwise from the running statistics. The first row of
     programs (store_mask) stores save_stats[branch] and new_running[branch].
     """
     acc: tl.constexpr = partials_ptr.dtype.element_ty
     eps_c = tl.full([BLOCK_C], eps, acc)
-    if TRAINING:
+    if BATCH_STATS:
         m = tl.full([BLOCK_C], M, acc)
         pivot = _load_pivot(src_ptr, c, c_mask, HW, CHANNELS_LAST, acc)
         s1 = _sum_partials(partials_ptr, 2 * branch, c, c_mask, C, num_partials, NUM_SUMS,
@@ -342,12 +342,12 @@ def bn_act_fwd_apply_kernel(
     running_mean_ptr, running_var_ptr,             # [C]: eval statistics / old running ones
     residual_weight_ptr, residual_bias_ptr,        # [C], RESIDUAL_MODE == 2
     residual_running_mean_ptr, residual_running_var_ptr,
-    partials_ptr,                                  # bn_act_fwd_stats_kernel's, when TRAINING
+    partials_ptr,                                  # bn_act_fwd_stats_kernel's, when BATCH_STATS
     save_stats_ptr,                                # [B, 2, C]: (mean, invstd) per branch
     new_running_ptr,                               # [B, 2, C]: (mean, var) when TRACK_RUNNING
     C, HW, M, row_tiles_per_n, num_row_tiles, tiles_per_program, num_partials,
     eps: tl.float64, momentum: tl.float64,
-    CHANNELS_LAST: tl.constexpr, RESIDUAL_MODE: tl.constexpr, TRAINING: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, RESIDUAL_MODE: tl.constexpr, BATCH_STATS: tl.constexpr,
     TRACK_RUNNING: tl.constexpr, RELU: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PARTIAL_CHUNK: tl.constexpr,
 ):
@@ -358,7 +358,7 @@ def bn_act_fwd_apply_kernel(
     store_mask = _first_row_mask(c, C)
     mean, invstd = _bn_channel_stats(
         x_ptr, running_mean_ptr, running_var_ptr, partials_ptr, save_stats_ptr, new_running_ptr,
-        0, c, c_mask, store_mask, C, HW, M, num_partials, eps, momentum, TRAINING,
+        0, c, c_mask, store_mask, C, HW, M, num_partials, eps, momentum, BATCH_STATS,
         TRACK_RUNNING, NUM_SUMS, CHANNELS_LAST, PARTIAL_CHUNK, BLOCK_C)
     w = tl.load(weight_ptr + c, mask=c_mask, other=0.0)
     b = tl.load(bias_ptr + c, mask=c_mask, other=0.0)
@@ -371,7 +371,7 @@ def bn_act_fwd_apply_kernel(
         r_mean, r_invstd = _bn_channel_stats(
             residual_ptr, residual_running_mean_ptr, residual_running_var_ptr, partials_ptr,
             save_stats_ptr, new_running_ptr, 1, c, c_mask, store_mask, C, HW, M,
-            num_partials, eps, momentum, TRAINING, TRACK_RUNNING, NUM_SUMS, CHANNELS_LAST,
+            num_partials, eps, momentum, BATCH_STATS, TRACK_RUNNING, NUM_SUMS, CHANNELS_LAST,
             PARTIAL_CHUNK, BLOCK_C)
         rw = tl.load(residual_weight_ptr + c, mask=c_mask, other=0.0)
         rb = tl.load(residual_bias_ptr + c, mask=c_mask, other=0.0)
@@ -705,12 +705,12 @@ def launch_fwd_stats(x: Tensor, residual: Optional[Tensor], residual_bn: bool,
 
 def launch_fwd_apply(x, weight, bias, running_mean, running_var, residual, residual_weight,
                      residual_bias, residual_running_mean, residual_running_var, residual_bn,
-                     training, momentum, eps, relu, partials, cfg: BnActConfig):
+                     batch_stats, momentum, eps, relu, partials, cfg: BnActConfig):
     """(out, save_stats, new_running): normalise (+ residual) (+ ReLU)."""
     acc = acc_dtype_of(x.dtype)
     C = x.shape[1]
     branches = 2 if residual_bn else 1
-    track = training and running_mean is not None
+    track = batch_stats and running_mean is not None
     out = torch.empty_like(x)
     save_stats = torch.empty((branches, 2, C), dtype=acc, device=x.device)
     new_running = (torch.empty((branches, 2, C), dtype=acc, device=x.device) if track
@@ -730,7 +730,7 @@ def launch_fwd_apply(x, weight, bias, running_mean, running_var, residual, resid
             *_geometry(x, cfg), 0 if partials is None else partials.shape[0],
             float(eps), float(momentum),
             CHANNELS_LAST=cfg.channels_last, RESIDUAL_MODE=residual_mode(residual, residual_bn),
-            TRAINING=training, TRACK_RUNNING=track, RELU=relu,
+            BATCH_STATS=batch_stats, TRACK_RUNNING=track, RELU=relu,
             BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, PARTIAL_CHUNK=cfg.partial_chunk)
     return out, save_stats, new_running
 
@@ -751,7 +751,7 @@ def launch_bwd_reduce(grad_out, x, weight, bias, residual, residual_weight, resi
 
 
 def launch_bwd_apply(grad_out, x, weight, bias, residual, residual_weight, residual_bias,
-                     save_stats, residual_bn, training, relu, partials, cfg: BnActConfig):
+                     save_stats, residual_bn, batch_stats, relu, partials, cfg: BnActConfig):
     """The six gradients of the interface from the reduce pass's partial sums."""
     acc = acc_dtype_of(x.dtype)
     C = x.shape[1]
@@ -775,7 +775,7 @@ def launch_bwd_apply(grad_out, x, weight, bias, residual, residual_weight, resid
             grad_residual_bias if residual_bn else grad_bias,
             *_geometry(x, cfg), partials.shape[0],
             CHANNELS_LAST=cfg.channels_last, RESIDUAL_MODE=residual_mode(residual, residual_bn),
-            BATCH_STATS=training, RELU=relu,
+            BATCH_STATS=batch_stats, RELU=relu,
             BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, PARTIAL_CHUNK=cfg.partial_chunk)
     return (grad_input, grad_weight, grad_bias, grad_residual, grad_residual_weight,
             grad_residual_bias)
@@ -793,20 +793,20 @@ def _on_device_of(x: Tensor):
 
 
 def forward(x, weight, bias, running_mean, running_var, residual, residual_weight, residual_bias,
-            residual_running_mean, residual_running_var, residual_bn, training, momentum, eps,
+            residual_running_mean, residual_running_var, residual_bn, batch_stats, momentum, eps,
             relu):
     """(out, save_stats, new_running) of act(batch_norm(x) + r_term); see the module docstring."""
     cfg = _config_of(x)
     with _on_device_of(x):
-        partials = launch_fwd_stats(x, residual, residual_bn, cfg) if training else None
+        partials = launch_fwd_stats(x, residual, residual_bn, cfg) if batch_stats else None
         return launch_fwd_apply(x, weight, bias, running_mean, running_var, residual,
                                 residual_weight, residual_bias, residual_running_mean,
-                                residual_running_var, residual_bn, training, momentum, eps, relu,
+                                residual_running_var, residual_bn, batch_stats, momentum, eps, relu,
                                 partials, cfg)
 
 
 def backward(grad_out, x, weight, bias, residual, residual_weight, residual_bias, save_stats,
-             residual_bn, training, relu):
+             residual_bn, batch_stats, relu):
     """(grad_input, grad_weight, grad_bias, grad_residual, grad_residual_weight,
     grad_residual_bias) of forward, with its saved statistics."""
     cfg = _config_of(x)
@@ -814,5 +814,5 @@ def backward(grad_out, x, weight, bias, residual, residual_weight, residual_bias
         partials = launch_bwd_reduce(grad_out, x, weight, bias, residual, residual_weight,
                                      residual_bias, save_stats, residual_bn, relu, cfg)
         return launch_bwd_apply(grad_out, x, weight, bias, residual, residual_weight,
-                                residual_bias, save_stats, residual_bn, training, relu, partials,
+                                residual_bias, save_stats, residual_bn, batch_stats, relu, partials,
                                 cfg)
