@@ -11,7 +11,7 @@ for its result.
 
 Where a choice comes from, in order:
 
-1. the in-memory cache (keys decided or read from disk in this process);
+1. the in-memory cache (keys decided or read from disk here; the oldest past MEMORY_SIZE go);
 2. the JSON cache on disk (below);
 3. the caller's ``static`` default, when the disk cache cannot be used (corrupt, unreadable or
    unwritable: one :class:`AutotuneCacheWarning` per :class:`Tuner`) or inside a
@@ -32,8 +32,8 @@ minimum rounds only. A measurement is one call of the ``timer``
 method of resnet_fast's benchmarks: ``torch.utils.benchmark.Timer`` on the CPU,
 ``triton.testing.do_bench`` on CUDA; on the CPU with ``min_run_time=0``, the default, one call
 timed by the wall clock, without the benchmark timer's untimed estimate call), with the device
-synchronised before and after on CUDA.
-Concurrent calls for one key time it once; the others wait for its result.
+synchronised before and after on CUDA. Concurrent calls for one key time it once; the others
+wait for its result.
 
 Decision rule (:func:`decide`). The medians over the rounds are compared. The ``static``
 candidate is the incumbent: another candidate replaces it only if its median is below
@@ -114,9 +114,8 @@ DEFAULT_MARGIN = 0.03
 DEFAULT_ROUNDS = 2
 DEFAULT_MAX_ROUNDS = 15
 DEFAULT_BUDGET_S = 0.02
-# Each default-timer measurement runs the candidate for at least this long (seconds): 0, one
-# call.
-DEFAULT_MIN_RUN_TIME = 0.0
+DEFAULT_MIN_RUN_TIME = 0.0  # a default-timer measurement's least run time (s): 0, one call
+MEMORY_SIZE = 4096  # in-memory decisions (timed or read) and static choices, each at most
 _FORMAT = 1  # of the cache file; part of its header
 _ENV_ENABLE = "RESNET_FAST_AUTOTUNE"
 _ENV_CACHE_DIR = "RESNET_FAST_CACHE_DIR"
@@ -401,7 +400,7 @@ class Tuner:
             record = self._measure(key, candidates, static, torch.device(device_type))
             record.labels = [] if label is None else [label]
             with self._lock:
-                self._records[key] = record
+                self._keep(self._records, key, record)
             self._persist(device_type, key, record)
             return record.winner
         finally:
@@ -425,7 +424,7 @@ class Tuner:
                 entries = self._entries(json.loads(key)["device"])
                 entry = None if entries is None else entries.get(key)
                 if entry is not None:
-                    record = self._records[key] = Record.from_json(key, entry)
+                    record = self._keep(self._records, key, Record.from_json(key, entry))
             if record is None or record.winner not in names:
                 return None
             if label is not None and label not in record.labels:
@@ -434,11 +433,18 @@ class Tuner:
 
     def _choose_static(self, key: Key, static: str, label: Optional[str]) -> str:
         with self._lock:
-            record = self._static.setdefault(
-                key, Record(key=key, static=static, winner=static, source=SOURCE_STATIC))
+            record = self._static.get(key) or self._keep(self._static, key, Record(
+                key=key, static=static, winner=static, source=SOURCE_STATIC))
             if label is not None and label not in record.labels:
                 record.labels.append(label)
         return static
+
+    def _keep(self, table: dict[Key, Record], key: Key, record: Record) -> Record:
+        """``table[key] = record`` (under the lock), the oldest entry evicted past MEMORY_SIZE."""
+        if key not in table and len(table) >= MEMORY_SIZE:
+            del table[next(iter(table))]
+        table[key] = record
+        return record
 
     def _entries(self, device_type: str) -> Optional[dict[Key, dict]]:
         """The disk cache's entries for ``device_type``, read once (under ``self._lock``);

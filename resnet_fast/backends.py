@@ -145,10 +145,18 @@ def _resolve(backend: Optional[str], device: torch.device) -> str:
 def cache_sizes() -> dict[str, int]:
     """Entries in each cache the package keeps, every one bounded: the oneDNN folded weights
     (one per live conv weight run in eval, at most ``folded_weights.CACHE_SIZE``), the resolved
-    backend names (at most 64) and the Triton BatchNorm launch configurations (at most 1024;
-    0 until the Triton backend is first used)."""
+    backend names (at most 64), the Triton BatchNorm launch configurations (at most 1024; 0
+    until the Triton backend is first used), the decided call sites of measured dispatch (at
+    most 4096) and its tuner's decisions and static choices in memory (at most
+    ``autotune.MEMORY_SIZE`` each)."""
     triton_bn_act = sys.modules.get("resnet_fast.triton.bn_act")
+    dispatch = sys.modules.get("resnet_fast.dispatch")
+    autotune = sys.modules.get("resnet_fast.autotune")
+    tuner = None if autotune is None else autotune._DEFAULT_TUNER
     return {"onednn_folded_weights": folded_weights.size(),
             "resolved_backends": len(_RESOLVED),
             "triton_bn_configs": (0 if triton_bn_act is None
-                                  else triton_bn_act._cached_config.cache_info().currsize)}
+                                  else triton_bn_act._cached_config.cache_info().currsize),
+            "decided_call_sites": 0 if dispatch is None else len(dispatch._DECIDED),
+            "autotune_decisions": 0 if tuner is None else len(tuner._records),
+            "autotune_static_choices": 0 if tuner is None else len(tuner._static)}

@@ -349,6 +349,25 @@ def test_failed_write_keeps_the_winner_in_memory(tmp_path, monkeypatch):
     assert list((tmp_path / "cache").iterdir()) == []  # the temporary file is gone
 
 
+def test_memory_keeps_at_most_memory_size_keys(tmp_path, monkeypatch):
+    """Past MEMORY_SIZE keys the oldest decision leaves memory (it stays on disk, and is read
+    back from there, untimed); static choices are bounded alike."""
+    monkeypatch.setattr(autotune, "MEMORY_SIZE", 2)
+    fake = Fake({"aten": 1e-3, "fused": 5e-4})
+    tuner = _tuner(tmp_path, fake)
+    keys = [_key(shape=(2, 4, s, s)) for s in (5, 6, 7)]
+    for key in keys:
+        assert tuner.choose(key, fake.candidates, "aten") == "fused"
+    assert [r.key for r in tuner.records()] == keys[1:]
+    assert tuner.choose(keys[0], fake.candidates, "aten") == "fused"
+    assert fake.measured == {"aten": 3 * ROUNDS, "fused": 3 * ROUNDS}  # read from disk
+    assert [r.key for r in tuner.records()] == [keys[2], keys[0]]
+    untimed = _tuner(tmp_path / "off", enabled=False)
+    for key in keys:
+        untimed.choose(key, fake.candidates, "aten")
+    assert len(untimed.records()) == 2
+
+
 def test_cache_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("RESNET_FAST_CACHE_DIR", str(tmp_path / "env"))
     assert Tuner().cache_path("cuda") == tmp_path / "env" / "autotune-cuda.json"

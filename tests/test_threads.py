@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resnet_fast import backends, folded_weights, models
+from resnet_fast import backends, dispatch, folded_weights, models
 
 THREADS = 4
 JOIN_TIMEOUT_S = 300
@@ -89,6 +89,7 @@ def test_eval_and_training_from_threads_match_one_thread():
     sizes = backends.cache_sizes()
     assert 0 < sizes["onednn_folded_weights"] <= folded_weights.CACHE_SIZE
     assert sizes["resolved_backends"] <= 64
+    assert 0 < sizes["decided_call_sites"] <= dispatch._DECIDED_SIZE
 
 
 def test_onednn_cache_evicts_past_its_bound(monkeypatch):
