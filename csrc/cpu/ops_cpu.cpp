@@ -35,6 +35,9 @@ std::unordered_map<std::string, py::object>& python_kernels() {
   return *kernels;
 }
 
+// Whether a call runs in C++ here: backend "cpu" (other CPU calls go to the Python kernels).
+bool runs_here(const StackArgs& a) { return a.text("backend") == "cpu"; }
+
 // The op's Python kernel on the call's arguments; its results replace them on the stack.
 void run_python_kernel(const c10::OperatorHandle& op, Stack* stack) {
   const c10::FunctionSchema& schema = op.schema();
@@ -111,7 +114,7 @@ struct BnActOperands {
 
 void bn_act_kernel(const c10::OperatorHandle& op, Stack* stack) {
   StackArgs a(op, stack);
-  if (a.text("backend") != "cpu") return run_python_kernel(op, stack);
+  if (!runs_here(a)) return run_python_kernel(op, stack);
   const BnActOperands o(a);
   const OptTensor rm = a.optional("running_mean"), rv = a.optional("running_var");
   const OptTensor rrm = a.optional("residual_running_mean");
@@ -128,7 +131,7 @@ void bn_act_kernel(const c10::OperatorHandle& op, Stack* stack) {
 
 void bn_act_backward_kernel(const c10::OperatorHandle& op, Stack* stack) {
   StackArgs a(op, stack);
-  if (a.text("backend") != "cpu") return run_python_kernel(op, stack);
+  if (!runs_here(a)) return run_python_kernel(op, stack);
   const BnActOperands o(a);
   auto [gx, gw, gb, gr, grw, grb] = bn_act_backward_cpu(
       {o.inputs(a), a.tensor("grad_out").contiguous(o.fmt), a.tensor("save_stats").contiguous()});
@@ -139,7 +142,7 @@ void conv_bn_act_kernel(const c10::OperatorHandle& op, Stack* stack) {
   StackArgs a(op, stack);
   const at::Tensor input = a.tensor("input");
   const bool batch_stats = a.flag("batch_stats");
-  if (a.text("backend") != "cpu" || !runs_composite(input.scalar_type(), batch_stats, a.flag("save_raw"))) {
+  if (!runs_here(a) || !runs_composite(input.scalar_type(), batch_stats, a.flag("save_raw"))) {
     return run_python_kernel(op, stack);
   }
   TORCH_CHECK_VALUE(!a.flag("defer") || batch_stats,
