@@ -122,7 +122,10 @@ def work(fn, t, mode):
                 return fn(t, mode == "fwd")
         return forward
     if mode == "bwd":
-        y = fn(t, True)
+        # The graph is built once and replayed; its running statistics are its own, since the
+        # other providers' forwards update the shared ones in place (a saved one would then be
+        # stale when this graph runs backward).
+        y = fn({**t, "rm": t["rm"].clone(), "rv": t["rv"].clone()}, True)
         return lambda: torch.autograd.grad(y, params, t["g"], retain_graph=True)
     return lambda: torch.autograd.grad(fn(t, True), params, t["g"])
 

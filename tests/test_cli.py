@@ -84,6 +84,22 @@ def test_info(tmp_path):
         assert word in res.stdout
 
 
+def test_bn_act_benchmark_every_mode(tmp_path):
+    """benchmarks/bench_bn_act.py in every mode on a tiny shape; in `bwd`, the graph built once
+    and replayed keeps its own running statistics while the other providers update theirs."""
+    res = subprocess.run(
+        [sys.executable, "benchmarks/bench_bn_act.py", "--modes", "train,fwd,bwd,eval",
+         "--providers", "eager,cpu", "--layouts", "channels_last", "--shapes", "2x8x4x4",
+         "--reps", "1", "--warmup", "1", "--min-run-time", "0", "--out", str(tmp_path),
+         "--tag", "t"], capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = list(csv.DictReader(open(tmp_path / "bn_act_t.csv")))
+    timed = {(r["op"], r["mode"], r["provider"]) for r in rows if float(r["median_ms"]) > 0}
+    assert timed >= {(op, mode, provider) for op in ("batch_norm_relu", "batch_norm_add_relu")
+                     for mode in ("train", "fwd", "bwd", "eval")
+                     for provider in ("eager", "cpu")}
+
+
 def test_bench_quick(tmp_path):
     res = _run("bench", "--quick", "--device", "cpu", "--model", "resnet18", "--size", "64x64",
                "--batch", "2", "--warmup", "0", "--reps", "2", "--compare", "eager,fused",
