@@ -166,18 +166,18 @@ MUTANTS = (
            "mean = pivot + d.to(acc)", "mean = d.to(acc)",
            BN_TRITON_TRAIN, "batch mean from the shifted sums without the pivot"),
     # ------------------------------------------------------------------ C++ (rebuilt)
-    Mutant("cpu_num_batches_tracked_not_incremented", "csrc/cpu/ops_cpu.cpp",
+    Mutant("cpu_num_batches_tracked_not_incremented", "csrc/op_kernels.cpp",
            "if (counter.has_value()) counter->add_(1);",
            "if (counter.has_value()) counter->add(1);",
            BN_CPU_CMA, "batch counter incremented out of place (result dropped)"),
-    Mutant("cpu_affine_fill_swapped", "csrc/cpu/ops_cpu.cpp",
+    Mutant("cpu_affine_fill_swapped", "csrc/op_kernels.cpp",
            'weight(affine_param(a.optional("weight"), C, 1.0, acc)),\n'
            '        bias(affine_param(a.optional("bias"), C, 0.0, acc)),',
            'weight(affine_param(a.optional("weight"), C, 0.0, acc)),\n'
            '        bias(affine_param(a.optional("bias"), C, 1.0, acc)),',
            _k("tests/test_bn_act.py", "cpu and affine"),
            "weight=None/bias=None filled with each other's value (0 and 1)"),
-    Mutant("cpu_residual_affine_swapped", "csrc/cpu/ops_cpu.cpp",
+    Mutant("cpu_residual_affine_swapped", "csrc/op_kernels.cpp",
            'residual_weight(residual_param(a, "residual_weight", 1.0)),\n'
            '        residual_bias(residual_param(a, "residual_bias", 0.0))',
            'residual_weight(residual_param(a, "residual_bias", 1.0)),\n'

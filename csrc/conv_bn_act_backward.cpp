@@ -8,17 +8,12 @@
 #include <torch/library.h>
 
 #include "cpu/conv_bn_act_cpu.h"
-#include "cpu/tensor_args.h"
 #include "op_signatures.h"
 #include "stack_args.h"
+#include "tensor_args.h"
 
 namespace resnet_fast {
 namespace {
-
-using cpu::acc_options;
-using cpu::affine_param;
-using cpu::empty_acc;
-using cpu::memory_format_of;
 
 // The conv's input: x, or x normalised (and rectified) by its deferred BatchNorm, whose batch
 // statistics are in_stats: the cpu backend's one-pass kernel, else ATen in the statistics'

@@ -1,13 +1,14 @@
 // The Python module resnet_fast._C: what Python calls of the compiled code. The ops are defined
-// in ops.cpp and their CPU kernels registered in cpu/ops_cpu.cpp, linked into the same module;
-// the CUDA kernels are bound here when built with CUDA.
+// in ops.cpp and their CPU and CUDA kernels registered in op_kernels.cpp, linked into the same
+// module; the fused conv launcher of the cuda backend, which Python calls, is bound here when
+// built with CUDA.
 #include <torch/extension.h>
 
 #include "call_signature.h"
 #include "cpu/bn_act_cpu.h"
-#include "cpu/ops_cpu.h"
+#include "cpu/conv_bn_act_cpu.h"
+#include "op_kernels.h"
 #ifdef RESNET_FAST_WITH_CUDA
-#include "cuda/bn_act_binding.h"
 #include "cuda/conv_bn_act_binding.h"
 #endif
 
@@ -15,9 +16,10 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "resnet_fast compiled kernels (see resnet_fast/ops.py for the backend interface)";
-  m.def("set_python_kernel", &resnet_fast::cpu::set_python_kernel,
-        "Sets the Python kernel that runs the calls of a resnet_fast op on CPU tensors which its "
-        "C++ CPU kernel leaves to Python (another backend than cpu, the folded oneDNN eval call)",
+  m.def("set_python_kernel", &resnet_fast::set_python_kernel,
+        "Sets the Python kernel that runs the calls of a resnet_fast op which its C++ kernels "
+        "leave to Python (the triton backend, the folded oneDNN eval call, the fused conv "
+        "launchers)",
         py::arg("op"), py::arg("kernel"));
   m.def(
       "runs_composite",
@@ -35,7 +37,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The bytes that identify a fused call for measured dispatch's table of decided call "
         "sites (see resnet_fast/dispatch.py), or None when an item is not a tensor or None");
 #ifdef RESNET_FAST_WITH_CUDA
-  resnet_fast::register_cuda_bindings(m);
   resnet_fast::register_conv_cuda_bindings(m);
   m.attr("with_cuda") = true;
 #else

@@ -1,7 +1,8 @@
 // The resnet_fast op library: the schemas of the four ops and the autograd formulas of the two
-// differentiable ones. Their CPU kernels are registered in cpu/ops_cpu.cpp; the CUDA and fake
-// kernels from Python, in resnet_fast/ops.py, which documents what each op computes (every
-// backend chosen by the trailing `backend` argument).
+// differentiable ones. Their CPU and CUDA kernels are registered in op_kernels.cpp (the conv
+// backward's in conv_bn_act_backward.cpp), the fake kernels from Python, in resnet_fast/ops.py,
+// which documents what each op computes (every backend chosen by the trailing `backend`
+// argument).
 //
 // The forward ops update the running statistics and batch counters they are given in place, as
 // nn.BatchNorm2d does around aten's batch_norm: a training step dispatches one op per fused layer

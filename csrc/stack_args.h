@@ -1,5 +1,5 @@
 // An op call's arguments on the dispatcher's stack, read by name, for the boxed kernels of the
-// resnet_fast ops (cpu/ops_cpu.cpp, conv_bn_act_backward.cpp).
+// resnet_fast ops (op_kernels.cpp, conv_bn_act_backward.cpp, cpu/conv_bn_act_cpu.cpp).
 #pragma once
 
 #include <ATen/core/dispatch/Dispatcher.h>

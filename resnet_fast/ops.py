@@ -1,10 +1,12 @@
 """resnet_fast's fused ops: their device kernels and fake kernels.
 
 The four ops are defined, with the autograd formulas of the two differentiable ones, by the
-compiled extension (``csrc/ops.cpp``), which also registers their CPU kernels
-(``csrc/cpu/ops_cpu.cpp``): a call with ``backend="cpu"`` runs in C++ from the dispatcher on.
-This module registers the fake kernels, the CUDA kernels, and the Python kernels the CPU ones
-hand the rest to (the Triton backend under its interpreter, the folded oneDNN eval call). Every
+compiled extension (``csrc/ops.cpp``), which also registers their CPU and CUDA kernels
+(``csrc/op_kernels.cpp``): a call whose backend is the device's own (``"cpu"`` on CPU tensors,
+``"cuda"`` on CUDA ones) runs in C++ from the dispatcher on. This module registers the fake
+kernels and the Python kernels the C++ ones hand the rest to: the Triton backend (under its
+interpreter on CPU tensors), the folded oneDNN eval call, and the fused conv launchers of the
+``triton`` and ``cuda`` backends, composed once here. Every
 backend runs under the same op, chosen by its ``backend`` argument, so
 eager mode, ``torch.compile``, ``torch.library.opcheck`` and autograd see one op whatever the
 device and backend:
@@ -20,8 +22,8 @@ device and backend:
 ``resnet_fast::bn_act_backward`` (functional)
     The gradients of ``bn_act``; its autograd formula calls it.
 
-Arguments reaching a backend are normalised (here, see ``_prepare``; for ``cpu`` by the same
-rules in ``csrc/cpu/tensor_args.h``): ``input``, ``residual``
+Arguments reaching a backend are normalised (here, see ``_prepare``; in C++ by the same rules
+in ``csrc/tensor_args.h``): ``input``, ``residual``
 and ``grad_out`` dense in one layout (NCHW or channels_last, the input's), weight and bias
 materialised and, like all per-channel tensors, in the accumulation dtype (float64 for float64
 input, float32 otherwise). The backends implement ``forward`` and ``backward`` with the same
@@ -77,17 +79,15 @@ __all__ = [
     "acc_dtype_of",
 ]
 
-_C = load_extension()  # defines the ops (csrc/ops.cpp), their cpu kernels and the cuda ones
+_C = load_extension()  # defines the ops (csrc/ops.cpp) and registers their CPU and CUDA kernels
 
 
 def _backend_kernels(backend: str):
-    """``(forward, backward)`` of a kernel backend run from Python (the ``cpu`` kernels are
-    registered in C++)."""
+    """``(forward, backward)`` of the bn_act kernels run from Python: the ``triton`` backend's
+    (the ``cpu`` and ``cuda`` ones run in C++, ``csrc/op_kernels.cpp``)."""
     if backend == "triton":
         module = importlib.import_module("resnet_fast.triton.bn_act")
         return module.forward, module.backward
-    if backend == "cuda":
-        return _C.bn_act_forward_cuda, _C.bn_act_backward_cuda
     raise ValueError(f"backend {backend!r} has no kernels behind resnet_fast::bn_act for "
                      "these tensors")
 
@@ -372,9 +372,13 @@ def _conv_bn_act_forward(
         return y.contiguous(memory_format=fmt), stats
 
     def apply(raw, mean, var):
-        """bn_act over the conv output, normalised with (mean, var)."""
-        return _backend_kernels(backend)[0](raw, w, b, mean, var, r, None, None, None, None,
-                                            False, False, 0.0, eps, relu)[0]
+        """bn_act over the conv output, normalised with (mean, var): the op, so that the
+        backend's kernels run wherever they are registered."""
+        return bn_act(input=raw, weight=w, bias=b, running_mean=mean, running_var=var,
+                      num_batches_tracked=None, residual=r, residual_weight=None,
+                      residual_bias=None, residual_running_mean=None, residual_running_var=None,
+                      residual_num_batches_tracked=None, residual_bn=False, batch_stats=False,
+                      momentum=0.0, eps=eps, relu=relu, backend=backend)[0]
 
     if not batch_stats:
         raw, _ = conv()
@@ -480,14 +484,12 @@ def _conv_bn_act_kernel(input, weight, conv_bias, stride, padding, dilation, gro
     return out, raw, save_stats
 
 
-# The CPU kernels are C++ (csrc/cpu/ops_cpu.cpp), as is conv_bn_act_backward on every device
-# (csrc/conv_bn_act_backward.cpp); these run the calls the CPU kernels leave to Python (the Triton
-# backend under its interpreter, the folded oneDNN eval call) and the other calls on CUDA
-# tensors.
+# The CPU and CUDA kernels are C++ (csrc/op_kernels.cpp), as is conv_bn_act_backward
+# (csrc/conv_bn_act_backward.cpp); these run the calls they leave to Python (the triton backend,
+# the folded oneDNN eval call, the fused conv launchers).
 for _name, _kernel in (("bn_act", _bn_act_kernel), ("bn_act_backward", _bn_act_backward),
                        ("conv_bn_act", _conv_bn_act_kernel)):
     _C.set_python_kernel(_name, _kernel)
-    torch.library.register_kernel(f"resnet_fast::{_name}", "cuda", _kernel)
 
 bn_act = torch.ops.resnet_fast.bn_act.default
 bn_act_backward = torch.ops.resnet_fast.bn_act_backward.default

@@ -126,7 +126,8 @@ def _torch_include_dirs():
     return include_paths()
 
 
-BINDING_SOURCES = ("cuda/bn_act_binding.cpp", "cuda/conv_bn_act_binding.cpp", "extension.cpp")
+BINDING_SOURCES = ("cuda/bn_act_binding.cpp", "cuda/conv_bn_act_binding.cpp", "extension.cpp",
+                   "op_kernels.cpp")
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +160,8 @@ def parsed_bindings():
 
 @pytest.mark.parametrize("source", BINDING_SOURCES)
 def test_binding_parses_with_torch_headers(parsed_bindings, source):
-    """The binding (and the module that registers it, with CUDA on) parse against torch's headers.
+    """The binding (and the files that register and call it, with CUDA on) parse against torch's
+    headers.
 
     A CPU wheel of torch lacks c10/cuda/impl/cuda_cmake_macros.h (it only defines the Windows
     export macro), so C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips it; ATen/cuda/CUDAContext.h would

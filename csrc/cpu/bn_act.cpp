@@ -31,7 +31,7 @@
 #include <vector>
 
 #include "../bn_act_math.h"
-#include "tensor_args.h"
+#include "../tensor_args.h"
 
 namespace resnet_fast {
 
@@ -539,7 +539,7 @@ void batch_statistics(const Shape& s, bool cl, const scalar_t* xp, const scalar_
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(const BnActForwardArgs& a) {
+BnActForwardResult bn_act_forward_cpu(const BnActForwardArgs& a) {
   const BnActInputs& in = a.in;
   const at::Tensor& x = in.x;
   const Problem p = checked_problem(in, nullptr);
@@ -596,8 +596,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(const BnActFor
   return {out, save_stats, new_running};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-bn_act_backward_cpu(const BnActBackwardArgs& a) {
+BnActBackwardResult bn_act_backward_cpu(const BnActBackwardArgs& a) {
   const BnActInputs& in = a.in;
   const at::Tensor& x = in.x;
   const Problem p = checked_problem(in, &a.grad_out);

@@ -6,11 +6,32 @@
 
 #include "conv_bn_act_cpu.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
+
 #include "bn_act_cpu.h"
-#include "tensor_args.h"
+#include "../tensor_args.h"
 
 namespace resnet_fast {
 namespace cpu {
+
+namespace {
+
+// Whether oneDNN runs bfloat16 convolutions on this CPU (AVX-512 BW/VL/DQ, AVX-NE-CONVERT, ...),
+// as PyTorch decides it; without, oneDNN's fused conv refuses bfloat16.
+bool onednn_takes_bfloat16() {
+  static const bool takes = c10::Dispatcher::singleton()
+                                .findSchemaOrThrow("mkldnn::_is_mkldnn_bf16_supported", "")
+                                .typed<bool()>()
+                                .call();
+  return takes;
+}
+
+}  // namespace
+
+bool runs_composite(at::ScalarType dtype, bool batch_stats, bool save_raw) {
+  const bool folds = dtype == at::kFloat || (dtype == at::kBFloat16 && onednn_takes_bfloat16());
+  return batch_stats || save_raw || !folds;
+}
 
 at::Tensor conv_input(const at::Tensor& x, const std::optional<at::Tensor>& in_weight,
                       const std::optional<at::Tensor>& in_bias,

@@ -29,5 +29,11 @@ at::Tensor conv_input(const at::Tensor& x, const std::optional<at::Tensor>& in_w
                       const std::optional<at::Tensor>& in_bias,
                       const std::optional<at::Tensor>& in_stats, bool in_relu);
 
+// Whether the cpu backend runs a conv layer of activation dtype `dtype` as PyTorch's conv
+// composed with the bn_act kernels, in C++: in training (batch statistics), when backward needs
+// the conv output, or for a dtype oneDNN's fused conv does not take (bfloat16 only where the CPU
+// has oneDNN's bfloat16 support); otherwise (eval) it is one folded oneDNN call.
+bool runs_composite(at::ScalarType dtype, bool batch_stats, bool save_raw);
+
 }  // namespace cpu
 }  // namespace resnet_fast

@@ -1,15 +1,16 @@
 // Torch binding of the CUDA kernels of the fused BatchNorm (+ residual) + ReLU op
 // (bn_act_kernels.cu): cheap argument checks, the outputs and the scratch buffer allocated with
-// torch on the input's device, the launch on the current stream, and the Python entry points.
-// The contract (arguments, layouts, returned tensors) is the backend interface documented in
-// resnet_fast/ops.py; the op layer there has already validated and normalised the arguments.
+// torch on the input's device, and the launch on the current stream. The op's CUDA kernel
+// (../op_kernels.cpp) calls these with the arguments it has normalised (../bn_act_args.h); the
+// contract (layouts, returned tensors) is the backend interface documented in
+// resnet_fast/ops.py.
 #include "bn_act_binding.h"
 
+#include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
-#include <torch/extension.h>
 
 #include <optional>
 #include <tuple>
@@ -123,15 +124,16 @@ void launch_with_scratch(Params& p, const at::Tensor& x, size_t (*scratch_bytes)
 
 }  // namespace
 
-// Returns (out, save_stats, new_running); see resnet_fast/ops.py.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cuda(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& residual_weight,
-    const std::optional<at::Tensor>& residual_bias,
-    const std::optional<at::Tensor>& residual_running_mean,
-    const std::optional<at::Tensor>& residual_running_var, bool residual_bn, bool batch_stats,
-    double momentum, double eps, bool relu) {
+BnActForwardResult bn_act_forward_cuda(const BnActForwardArgs& a) {
+  const at::Tensor& x = a.in.x;
+  const at::Tensor &weight = a.in.weight, &bias = a.in.bias;
+  const auto &residual = a.in.residual, &residual_weight = a.in.residual_weight,
+             &residual_bias = a.in.residual_bias;
+  const auto &running_mean = a.running_mean, &running_var = a.running_var;
+  const auto &residual_running_mean = a.residual_running_mean,
+             &residual_running_var = a.residual_running_var;
+  const bool residual_bn = a.in.residual_bn, batch_stats = a.in.batch_stats, relu = a.in.relu;
+  const double momentum = a.momentum, eps = a.eps;
   const ActivationShape shape = activation_shape(x);
   const c10::cuda::CUDAGuard device_guard(x.device());
   check_per_channel("weight", weight, x);
@@ -184,14 +186,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cuda(
   return {out, save_stats, new_running};
 }
 
-// Returns (grad_input, grad_weight, grad_bias, grad_residual, grad_residual_weight,
-// grad_residual_bias); see resnet_fast/ops.py.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-bn_act_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-                     const at::Tensor& bias, const std::optional<at::Tensor>& residual,
-                     const std::optional<at::Tensor>& residual_weight,
-                     const std::optional<at::Tensor>& residual_bias,
-                     const at::Tensor& save_stats, bool residual_bn, bool batch_stats, bool relu) {
+BnActBackwardResult bn_act_backward_cuda(const BnActBackwardArgs& a) {
+  const at::Tensor &grad_out = a.grad_out, &x = a.in.x, &save_stats = a.save_stats;
+  const at::Tensor &weight = a.in.weight, &bias = a.in.bias;
+  const auto &residual = a.in.residual, &residual_weight = a.in.residual_weight,
+             &residual_bias = a.in.residual_bias;
+  const bool residual_bn = a.in.residual_bn, batch_stats = a.in.batch_stats, relu = a.in.relu;
   const ActivationShape shape = activation_shape(x);
   const c10::cuda::CUDAGuard device_guard(x.device());
   check_like_input("grad_out", grad_out, x);
@@ -241,24 +241,4 @@ bn_act_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::
 }
 
 }  // namespace cuda
-
-void register_cuda_bindings(pybind11::module_& m) {
-  namespace py = pybind11;
-  m.def("bn_act_forward_cuda", &cuda::bn_act_forward_cuda,
-        "Fused BatchNorm (+ residual) + ReLU forward on CUDA tensors; returns "
-        "(out, save_stats, new_running)",
-        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("running_mean"),
-        py::arg("running_var"), py::arg("residual"), py::arg("residual_weight"),
-        py::arg("residual_bias"), py::arg("residual_running_mean"),
-        py::arg("residual_running_var"), py::arg("residual_bn"), py::arg("batch_stats"),
-        py::arg("momentum"), py::arg("eps"), py::arg("relu"));
-  m.def("bn_act_backward_cuda", &cuda::bn_act_backward_cuda,
-        "Gradients of the fused BatchNorm (+ residual) + ReLU on CUDA tensors; returns "
-        "(grad_input, grad_weight, grad_bias, grad_residual, grad_residual_weight, "
-        "grad_residual_bias)",
-        py::arg("grad_out"), py::arg("x"), py::arg("weight"), py::arg("bias"),
-        py::arg("residual"), py::arg("residual_weight"), py::arg("residual_bias"),
-        py::arg("save_stats"), py::arg("residual_bn"), py::arg("batch_stats"), py::arg("relu"));
-}
-
 }  // namespace resnet_fast

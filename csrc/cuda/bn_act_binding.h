@@ -1,11 +1,16 @@
-// Torch binding of the CUDA kernels of the fused BatchNorm (+ residual) + ReLU op.
+// The CUDA entry points of the fused BatchNorm (+ residual) + ReLU op (bn_act_binding.cpp),
+// which the op's CUDA kernel calls (../op_kernels.cpp): the arguments of ../bn_act_args.h on
+// CUDA tensors, the results the CPU entry points' (../cpu/bn_act_cpu.h).
 #pragma once
 
-#include <pybind11/pybind11.h>
+#include "../bn_act_args.h"
 
 namespace resnet_fast {
+namespace cuda {
 
-// Adds bn_act_forward_cuda and bn_act_backward_cuda to the extension module `m`.
-void register_cuda_bindings(pybind11::module_& m);
+BnActForwardResult bn_act_forward_cuda(const BnActForwardArgs& a);
 
+BnActBackwardResult bn_act_backward_cuda(const BnActBackwardArgs& a);
+
+}  // namespace cuda
 }  // namespace resnet_fast

@@ -1,5 +1,5 @@
-// How the CPU entry points normalise their arguments, the rules resnet_fast/ops.py states for
-// every backend: activations dense in the input's layout, per-channel tensors contiguous in the
+// How the C++ kernels normalise their arguments, the rules resnet_fast/ops.py states for every
+// backend: activations dense in the input's layout, per-channel tensors contiguous in the
 // accumulation dtype (float64 for float64 activations, float32 otherwise).
 #pragma once
 
@@ -8,7 +8,6 @@
 #include <optional>
 
 namespace resnet_fast {
-namespace cpu {
 
 // The dense layout an op computes in and returns: x's own when x is dense in NCHW or
 // channels_last, else channels_last for a 4-D tensor whose channels are adjacent (a strided
@@ -47,5 +46,4 @@ inline at::Tensor affine_param(const std::optional<at::Tensor>& t, int64_t C, do
   return t->to(acc.dtype().toScalarType()).contiguous();
 }
 
-}  // namespace cpu
 }  // namespace resnet_fast

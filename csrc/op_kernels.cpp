@@ -1,11 +1,14 @@
-// The CPU kernels of the resnet_fast ops (their schemas and autograd are in ../ops.cpp; the
-// backward of conv_bn_act is the composite of ../conv_bn_act_backward.cpp). A call with backend
-// "cpu" runs here, in C++: its arguments normalised (tensor_args.h), the kernels of bn_act.cpp
-// and conv_bn_act_cpu.cpp, the running statistics and batch counters updated.
-// Every other call on CPU tensors runs the op's Python kernel, which resnet_fast/ops.py sets
-// with set_python_kernel: the Triton backend under Triton's interpreter, and the folded oneDNN
-// eval call of conv_bn_act (its folded-weight cache is resnet_fast/folded_weights.py).
-#include "ops_cpu.h"
+// The CPU and CUDA kernels of the resnet_fast ops (their schemas and autograd are in ops.cpp; the
+// backward of conv_bn_act is the composite of conv_bn_act_backward.cpp). A call whose backend is
+// the device's own ("cpu" on CPU tensors, "cuda" on CUDA ones) runs here, in C++: its arguments
+// normalised (tensor_args.h), the bn_act kernels of that device (cpu/bn_act.cpp,
+// cuda/bn_act_binding.cpp), the cpu backend's conv composite (cpu/conv_bn_act_cpu.cpp), the
+// running statistics and batch counters updated.
+// Every other call runs the op's Python kernel, which resnet_fast/ops.py sets with
+// set_python_kernel: the Triton backend (under Triton's interpreter on CPU tensors), the folded
+// oneDNN eval call of conv_bn_act (its folded-weight cache is resnet_fast/folded_weights.py), and
+// the fused conv launchers of the triton and cuda backends, which share one Python composite.
+#include "op_kernels.h"
 
 #include <torch/csrc/jit/python/pybind_utils.h>
 #include <torch/library.h>
@@ -14,15 +17,18 @@
 #include <string>
 #include <unordered_map>
 
-#include "../stack_args.h"
-#include "bn_act_cpu.h"
-#include "conv_bn_act_cpu.h"
+#include "bn_act_args.h"
+#include "cpu/bn_act_cpu.h"
+#include "cpu/conv_bn_act_cpu.h"
+#include "stack_args.h"
 #include "tensor_args.h"
+#ifdef RESNET_FAST_WITH_CUDA
+#include "cuda/bn_act_binding.h"
+#endif
 
 namespace py = pybind11;
 
 namespace resnet_fast {
-namespace cpu {
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
@@ -35,8 +41,44 @@ std::unordered_map<std::string, py::object>& python_kernels() {
   return *kernels;
 }
 
-// Whether a call runs in C++ here: backend "cpu" (other CPU calls go to the Python kernels).
-bool runs_here(const StackArgs& a) { return a.text("backend") == "cpu"; }
+// The bn_act kernels of a device and the backend that names them: a call with that backend runs
+// them here, in C++ (the other calls go to the Python kernels).
+struct CpuKernels {
+  static constexpr const char* kBackend = "cpu";
+  static BnActForwardResult forward(const BnActForwardArgs& a) {
+    return cpu::bn_act_forward_cpu(a);
+  }
+  static BnActBackwardResult backward(const BnActBackwardArgs& a) {
+    return cpu::bn_act_backward_cpu(a);
+  }
+};
+
+// Registered whether or not the extension has its CUDA kernels, so that other backends (triton)
+// run on CUDA tensors either way; backend "cuda" then fails here, as resnet_fast.backends
+// reports it unavailable.
+struct CudaKernels {
+  static constexpr const char* kBackend = "cuda";
+#ifdef RESNET_FAST_WITH_CUDA
+  static BnActForwardResult forward(const BnActForwardArgs& a) {
+    return cuda::bn_act_forward_cuda(a);
+  }
+  static BnActBackwardResult backward(const BnActBackwardArgs& a) {
+    return cuda::bn_act_backward_cuda(a);
+  }
+#else
+  [[noreturn]] static void unavailable() {
+    TORCH_CHECK(false, "resnet_fast was built without its CUDA kernels (no CUDA torch or nvcc "
+                       "at build time, or RESNET_FAST_NO_CUDA=1): backend 'cuda' is unavailable");
+  }
+  static BnActForwardResult forward(const BnActForwardArgs&) { unavailable(); }
+  static BnActBackwardResult backward(const BnActBackwardArgs&) { unavailable(); }
+#endif
+};
+
+template <typename Kernels>
+bool runs_here(const StackArgs& a) {
+  return a.text("backend") == Kernels::kBackend;
+}
 
 // The op's Python kernel on the call's arguments; its results replace them on the stack.
 void run_python_kernel(const c10::OperatorHandle& op, Stack* stack) {
@@ -112,14 +154,15 @@ struct BnActOperands {
   }
 };
 
+template <typename Kernels>
 void bn_act_kernel(const c10::OperatorHandle& op, Stack* stack) {
   StackArgs a(op, stack);
-  if (!runs_here(a)) return run_python_kernel(op, stack);
+  if (!runs_here<Kernels>(a)) return run_python_kernel(op, stack);
   const BnActOperands o(a);
   const OptTensor rm = a.optional("running_mean"), rv = a.optional("running_var");
   const OptTensor rrm = a.optional("residual_running_mean");
   const OptTensor rrv = a.optional("residual_running_var");
-  auto [out, save_stats, new_running] = bn_act_forward_cpu(
+  auto [out, save_stats, new_running] = Kernels::forward(
       {o.inputs(a), per_channel(rm, o.acc), per_channel(rv, o.acc), per_channel(rrm, o.acc),
        per_channel(rrv, o.acc), a.real("momentum"), a.real("eps")});
   if (a.flag("batch_stats") && rm.has_value()) {
@@ -129,26 +172,31 @@ void bn_act_kernel(const c10::OperatorHandle& op, Stack* stack) {
   a.finish({out, save_stats});
 }
 
+template <typename Kernels>
 void bn_act_backward_kernel(const c10::OperatorHandle& op, Stack* stack) {
   StackArgs a(op, stack);
-  if (!runs_here(a)) return run_python_kernel(op, stack);
+  if (!runs_here<Kernels>(a)) return run_python_kernel(op, stack);
   const BnActOperands o(a);
-  auto [gx, gw, gb, gr, grw, grb] = bn_act_backward_cpu(
+  auto [gx, gw, gb, gr, grw, grb] = Kernels::backward(
       {o.inputs(a), a.tensor("grad_out").contiguous(o.fmt), a.tensor("save_stats").contiguous()});
   a.finish({gx, gw, gb, gr, grw, grb});
 }
 
+// On CPU tensors: the cpu backend's conv composite in training (cpu/conv_bn_act_cpu.cpp); its
+// folded oneDNN eval call and the other backends in Python. On CUDA tensors every call is
+// Python's (the fused conv launchers' composite).
 void conv_bn_act_kernel(const c10::OperatorHandle& op, Stack* stack) {
   StackArgs a(op, stack);
   const at::Tensor input = a.tensor("input");
   const bool batch_stats = a.flag("batch_stats");
-  if (!runs_here(a) || !runs_composite(input.scalar_type(), batch_stats, a.flag("save_raw"))) {
+  if (!runs_here<CpuKernels>(a) ||
+      !cpu::runs_composite(input.scalar_type(), batch_stats, a.flag("save_raw"))) {
     return run_python_kernel(op, stack);
   }
   TORCH_CHECK_VALUE(!a.flag("defer") || batch_stats,
                     "defer=True needs batch statistics (training, or no running statistics)");
   const OptTensor rm = a.optional("running_mean"), rv = a.optional("running_var");
-  auto [out, raw, save_stats, new_running] = conv_bn_act_forward_cpu(a);
+  auto [out, raw, save_stats, new_running] = cpu::conv_bn_act_forward_cpu(a);
   if (batch_stats && rm.has_value()) {
     update_running(new_running, {rm, rv}, {a.optional("num_batches_tracked")});
   }
@@ -163,19 +211,20 @@ torch::CppFunction boxed() {
 
 }  // namespace
 
-bool runs_composite(at::ScalarType dtype, bool batch_stats, bool save_raw) {
-  return batch_stats || save_raw || (dtype != at::kFloat && dtype != at::kBFloat16);
-}
-
 void set_python_kernel(const std::string& op, py::object kernel) {
   python_kernels()[op] = std::move(kernel);
 }
 
 TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
-  m.impl("bn_act", boxed<bn_act_kernel>());
-  m.impl("bn_act_backward", boxed<bn_act_backward_kernel>());
+  m.impl("bn_act", boxed<bn_act_kernel<CpuKernels>>());
+  m.impl("bn_act_backward", boxed<bn_act_backward_kernel<CpuKernels>>());
   m.impl("conv_bn_act", boxed<conv_bn_act_kernel>());
 }
 
-}  // namespace cpu
+TORCH_LIBRARY_IMPL(resnet_fast, CUDA, m) {
+  m.impl("bn_act", boxed<bn_act_kernel<CudaKernels>>());
+  m.impl("bn_act_backward", boxed<bn_act_backward_kernel<CudaKernels>>());
+  m.impl("conv_bn_act", boxed<run_python_kernel>());
+}
+
 }  // namespace resnet_fast
