@@ -45,15 +45,21 @@ _L2_FLUSH_BYTES = 256 * 2**20
 
 
 def cpu_name() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform reports."""
+    """The CPU's model name (Linux: /proc/cpuinfo, else what the platform reports) and the
+    vector instructions ATen's CPU kernels use on it, e.g. ``"AMD EPYC, AVX2"``: hosts that
+    report one model name can differ there (AVX2 against AVX-512), and with it their speed, so
+    the name keeps their results and tuning decisions apart."""
+    model = None
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                    model = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    model = model or platform.processor() or platform.machine()
+    return f"{model}, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def device_name(device: torch.device) -> str:

@@ -89,6 +89,8 @@ def test_key_describes_the_call_site():
     from resnet_fast.timing import cpu_name
 
     assert spec["device"] == "cpu" and spec["device_name"] == cpu_name()
+    # a host of the same model name with other vector instructions tunes afresh
+    assert cpu_name().endswith(", " + torch.backends.cpu.get_cpu_capability())
     assert spec["threads"] == torch.get_num_threads()
     assert spec["extra"] == {"stride": 2, "relu": False}
     assert key == make_key("conv_bn_relu", [x, w, None, s], True, relu=False, stride=2)
