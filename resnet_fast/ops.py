@@ -289,8 +289,8 @@ def _prologue(in_weight: Optional[Tensor], in_bias: Optional[Tensor], in_stats: 
 def _cpu_composite(backend: str, input: Tensor, batch_stats: bool, save_raw: bool) -> bool:
     """Whether the ``cpu`` backend runs a conv layer as PyTorch's conv composed with the bn_act
     kernels, in its C++ CPU kernel: in training, and in eval when backward needs the conv output
-    or oneDNN's fused call does not take the dtype (otherwise eval is one folded oneDNN call,
-    from Python)."""
+    or oneDNN's fused call does not take the dtype on this CPU (bfloat16 needs oneDNN's bfloat16
+    support; otherwise eval is one folded oneDNN call, from Python)."""
     return backend == "cpu" and _C.runs_composite(input, batch_stats, save_raw)
 
 
