@@ -11,7 +11,7 @@ import pickle
 import pytest
 import torch
 
-from resnet_fast import folded_weights, functional, reference
+from resnet_fast import folded_weights, functional, ops, reference
 from resnet_fast.functional import DeferredBatchNorm
 from resnet_fast.verify import LAYOUTS, Case, Conv, check_case, tolerance
 
@@ -124,6 +124,19 @@ def test_eval_without_autograd(backend, device, interpreted, dtype, layout, resi
     err = (out.double() - ref).abs().max().item()
     bound = tolerance(ref, (eager.double() - ref).abs().max().item(), dtype)
     assert err <= bound, (err, bound)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_eval_folds_into_onednn_only_the_dtypes_it_takes_here(dtype):
+    """The cpu backend's eval is one folded oneDNN call for float32, and for bfloat16 exactly
+    where oneDNN runs bfloat16 on this CPU (an AVX2-only CPU refuses it); the other cases
+    compose the conv with the BN kernels."""
+    x = torch.empty(1, 2, 3, 3, dtype=dtype)
+    folds = dtype == torch.float32 or (
+        dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert ops._cpu_composite("cpu", x, batch_stats=False, save_raw=False) is not folds
+    assert ops._cpu_composite("cpu", x, batch_stats=True, save_raw=False)
+    assert ops._cpu_composite("cpu", x, batch_stats=False, save_raw=True)
 
 
 @pytest.mark.parametrize("backend", ["cpu"], indirect=True)
